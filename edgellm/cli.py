@@ -1,0 +1,169 @@
+"""`edgellm`: run the stack, one service, a generation, or look at the cluster.
+
+  edgellm up                       the four services as local processes (Ctrl-C stops them)
+  edgellm serve NAME [options]     one service: gateway | prefill | decode | monitor
+  edgellm generate PROMPT          stream an answer (chat message; --raw for a plain prompt)
+  edgellm status                   each service's health and the routing mode
+  edgellm health HOST:PORT         exit 0 if the service reports SERVING (container health checks)
+  edgellm prepare-model            convert the embedded default model into the local cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+from edgellm import config as cfg
+
+SERVICE_NAMES = ("gateway", "prefill", "decode", "monitor")
+
+
+def _up(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edgellm up", description="Start the four services locally.")
+    cfg.add_arguments(parser)
+    config = cfg.from_namespace(parser.parse_args(argv))
+    from edgellm.engine.weights import resolve_model_dir
+    from edgellm.launch import SERVICES, Stack, service_port
+
+    # Convert the default model once here, not in three services at the same time.
+    resolve_model_dir(config.model.model)
+    stack = Stack(config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        stack.start_all()
+        stack.wait_serving()
+        stack.wait_all_healthy()
+        print("EdgeLLM is up:", flush=True)
+        for name in SERVICES:
+            print(f"  {name:<8} {config.network.host}:{service_port(name, config)}", flush=True)
+        print("Try: edgellm generate 'What is the capital of France?'   (Ctrl-C stops all)", flush=True)
+        while not stop.is_set():
+            for name, proc in stack.procs.items():
+                if proc.poll() is not None:
+                    print(f"warning: {name} exited with code {proc.returncode}", file=sys.stderr, flush=True)
+                    stack.procs.pop(name)
+                    break
+            stop.wait(0.5)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"edgellm up: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    if not argv or argv[0] not in SERVICE_NAMES:
+        print(f"usage: edgellm serve {{{','.join(SERVICE_NAMES)}}} [options]", file=sys.stderr)
+        return 2
+    # Replace this process: the service is then the container's / supervisor's direct child.
+    os.execv(sys.executable, [sys.executable, "-m", f"services.{argv[0]}", *argv[1:]])
+    return 0  # not reached
+
+
+def _generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edgellm generate")
+    parser.add_argument("prompt")
+    parser.add_argument("--max-tokens", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[])
+    parser.add_argument("--raw", action="store_true", help="send as a raw prompt, not as a chat message")
+    parser.add_argument("--gateway", default=os.environ.get("EDGELLM_GATEWAY", "127.0.0.1:50051"))
+    parser.add_argument("--stats", action="store_true", help="print usage and timings to stderr")
+    args = parser.parse_args(argv)
+    from edgellm.client import Client, GenerationError
+
+    prompt_args = {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
+    with Client(args.gateway) as client:
+        try:
+            for delta in client.generate(
+                **prompt_args,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+                stop=args.stop,
+            ):
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+                if delta.finish_reason:
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                    if args.stats:
+                        print(
+                            f"[{delta.finish_reason}] prompt={delta.prompt_tokens} completion={delta.completion_tokens}"
+                            f" ttft={delta.ttft_ms:.0f}ms tpot={delta.tpot_ms:.1f}ms",
+                            file=sys.stderr,
+                        )
+        except GenerationError as e:
+            print(f"\nedgellm generate: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _status(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edgellm status")
+    parser.add_argument("--monitor", default=os.environ.get("EDGELLM_MONITOR_ADDR") or "127.0.0.1:50054")
+    args = parser.parse_args(argv)
+    import grpc
+
+    from edgellm.launch import is_serving, route_table
+    from edgellm.v1 import common_pb2, monitor_pb2
+
+    try:
+        table = route_table(args.monitor)
+    except grpc.RpcError as e:
+        print(f"edgellm status: monitor at {args.monitor} unreachable: {e.code().name}", file=sys.stderr)
+        return 1
+    mode = monitor_pb2.RouteMode.Name(table.mode).removeprefix("ROUTE_MODE_").lower()
+    print(f"mode: {mode}   (route table version {table.version})")
+    print(f"  {'monitor':<8} {args.monitor:<22} healthy")
+    for s in table.services:
+        role = common_pb2.ServiceRole.Name(s.role).removeprefix("SERVICE_ROLE_").lower()
+        print(f"  {role:<8} {s.address:<22} {'healthy' if s.healthy else 'DOWN'}")
+    gateway = os.environ.get("EDGELLM_GATEWAY", "127.0.0.1:50051")
+    print(f"  {'gateway':<8} {gateway:<22} {'healthy' if is_serving(gateway) else 'DOWN'}")
+    return 0
+
+
+def _health(argv: list[str]) -> int:
+    from edgellm.launch import is_serving
+
+    if len(argv) != 1:
+        print("usage: edgellm health HOST:PORT", file=sys.stderr)
+        return 2
+    return 0 if is_serving(argv[0], timeout_s=2.0) else 1
+
+
+def _prepare_model(argv: list[str]) -> int:
+    from edgellm.engine.weights import prepare_default_model
+
+    print(prepare_default_model())
+    return 0
+
+
+COMMANDS = {
+    "up": _up,
+    "serve": _serve,
+    "generate": _generate,
+    "status": _status,
+    "health": _health,
+    "prepare-model": _prepare_model,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    sys.exit(COMMANDS[argv[0]](argv[1:]))

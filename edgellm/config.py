@@ -1,0 +1,229 @@
+"""Typed, frozen configuration, built once at start-up from flags and EDGELLM_* variables.
+
+Every option is declared once in OPTIONS: its flag (`--kv-max-chunk-bytes`), its
+environment variable (`EDGELLM_KV_MAX_CHUNK_BYTES`), type, default and help.
+Precedence: flag > environment > default. `edgellm up` hands the resolved values
+to the services it starts with `to_argv`, so every process sees the same config.
+Values discovered at run time (KV capacity, model shapes) never go back in here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+DTYPES = ("fp32", "bf16", "fp16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # snake_case; flag is --kebab-case, env var EDGELLM_UPPER_CASE
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    choices: Sequence[str] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env_var(self) -> str:
+        return "EDGELLM_" + self.name.upper()
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in text.split(",") if a.strip())
+
+
+OPTIONS: tuple[Option, ...] = (
+    # model
+    Option("model", str, "", "HF Llama-family checkpoint directory; empty = the embedded SmolLM2-135M-Instruct"),
+    Option("dtype", str, "fp32", "engine precision", DTYPES),
+    Option("threads", int, 0, "torch intra-op threads; 0 = torch's default"),
+    # network
+    Option("host", str, "127.0.0.1", "interface the service listens on"),
+    Option("gateway_port", int, 50051, "gateway gRPC port"),
+    Option("prefill_port", int, 50052, "prefill gRPC port"),
+    Option("decode_port", int, 50053, "decode gRPC port"),
+    Option("monitor_port", int, 50054, "monitor gRPC port"),
+    Option("prefill_addrs", _addresses, (), "comma-separated prefill services; empty = 127.0.0.1:<prefill-port>"),
+    Option("decode_addrs", _addresses, (), "comma-separated decode services; empty = 127.0.0.1:<decode-port>"),
+    Option("monitor_addr", str, "", "monitor service; empty = 127.0.0.1:<monitor-port>"),
+    # KV transfer
+    Option("kv_layers_per_chunk", int, 1, "decoder layers per KV chunk"),
+    Option("kv_max_chunk_bytes", int, 1 << 20, "largest KV chunk payload; long prompts are split by token range"),
+    Option("kv_wait_timeout_s", float, 30.0, "how long decode waits for a request's KV before failing it"),
+    # monitor
+    Option("health_interval_s", float, 0.2, "time between health checks of each service"),
+    Option("health_timeout_s", float, 0.3, "deadline of one health check"),
+    Option("down_after", int, 2, "consecutive failed checks that mark a service down"),
+    Option("up_after", int, 2, "consecutive good checks that mark a service up again"),
+    # gateway
+    Option("default_max_tokens", int, 256, "max_tokens when a request leaves it 0"),
+    # process
+    Option("log_level", str, "info", "log level", LOG_LEVELS),
+)
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str
+    dtype: str
+    threads: int
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    host: str
+    gateway_port: int
+    prefill_port: int
+    decode_port: int
+    monitor_port: int
+    prefill_addrs: tuple[str, ...]
+    decode_addrs: tuple[str, ...]
+    monitor_addr: str
+
+    def __post_init__(self) -> None:
+        for name in ("gateway_port", "prefill_port", "decode_port", "monitor_port"):
+            port = getattr(self, name)
+            if not 0 <= port < 65536:
+                raise ValueError(f"{name} must be a TCP port, got {port}")
+
+    @property
+    def prefill_addresses(self) -> tuple[str, ...]:
+        return self.prefill_addrs or (f"127.0.0.1:{self.prefill_port}",)
+
+    @property
+    def decode_addresses(self) -> tuple[str, ...]:
+        return self.decode_addrs or (f"127.0.0.1:{self.decode_port}",)
+
+    @property
+    def monitor_address(self) -> str:
+        return self.monitor_addr or f"127.0.0.1:{self.monitor_port}"
+
+    @property
+    def gateway_address(self) -> str:
+        return f"127.0.0.1:{self.gateway_port}"
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    kv_layers_per_chunk: int
+    kv_max_chunk_bytes: int
+    kv_wait_timeout_s: float
+
+    def __post_init__(self) -> None:
+        if self.kv_layers_per_chunk < 1:
+            raise ValueError("kv_layers_per_chunk must be >= 1")
+        if not 1024 <= self.kv_max_chunk_bytes <= 3 << 20:
+            # gRPC's default message limit is 4 MiB; a chunk carries K and V plus headers.
+            raise ValueError("kv_max_chunk_bytes must be between 1 KiB and 3 MiB")
+        if self.kv_wait_timeout_s <= 0:
+            raise ValueError("kv_wait_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    health_interval_s: float
+    health_timeout_s: float
+    down_after: int
+    up_after: int
+
+    def __post_init__(self) -> None:
+        if self.health_interval_s <= 0 or self.health_timeout_s <= 0:
+            raise ValueError("health_interval_s and health_timeout_s must be > 0")
+        if self.down_after < 1 or self.up_after < 1:
+            raise ValueError("down_after and up_after must be >= 1")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    default_max_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    network: NetworkConfig
+    transfer: TransferConfig
+    monitor: MonitorConfig
+    gateway: GatewayConfig
+    log_level: str = "info"
+    _values: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def value(self, name: str) -> Any:
+        return self._values[name]
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "network": NetworkConfig,
+    "transfer": TransferConfig,
+    "monitor": MonitorConfig,
+    "gateway": GatewayConfig,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every option on `parser`; defaults are filled in by `from_namespace`."""
+    group = parser.add_argument_group("EdgeLLM options (each also as EDGELLM_<NAME>)")
+    for opt in OPTIONS:
+        group.add_argument(opt.flag, dest=opt.name, default=None, help=f"{opt.help} [{opt.env_var}]")
+
+
+def _resolve(opt: Option, given: str | None, env: dict[str, str]) -> Any:
+    raw = given if given is not None else env.get(opt.env_var)
+    if raw is None:
+        return opt.default
+    try:
+        value = opt.type(raw)
+    except ValueError as e:
+        raise ValueError(f"{opt.flag}/{opt.env_var}: cannot parse {raw!r}: {e}") from None
+    if opt.choices is not None and value not in opt.choices:
+        raise ValueError(f"{opt.flag}/{opt.env_var} must be one of {list(opt.choices)}, got {raw!r}")
+    return value
+
+
+def from_namespace(ns: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ) if env is None else env
+    values = {opt.name: _resolve(opt, getattr(ns, opt.name, None), env) for opt in OPTIONS}
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        names = [f.name for f in dataclasses.fields(cls)]
+        sections[section] = cls(**{n: values[n] for n in names})
+    if values["log_level"] not in LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {LOG_LEVELS}")
+    return Config(**sections, log_level=values["log_level"], _values=values)
+
+
+def parse(argv: Sequence[str] | None = None, env: dict[str, str] | None = None, prog: str | None = None) -> Config:
+    parser = argparse.ArgumentParser(prog=prog)
+    add_arguments(parser)
+    return from_namespace(parser.parse_args(argv), env)
+
+
+def to_argv(config: Config) -> list[str]:
+    """The flags that reproduce `config` in another process (used by `edgellm up`)."""
+    argv: list[str] = []
+    for opt in OPTIONS:
+        value = config.value(opt.name)
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        argv += [opt.flag, str(value)]
+    return argv

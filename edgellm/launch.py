@@ -1,0 +1,152 @@
+"""Start the four services as separate local processes and wait until they serve.
+
+Used by `edgellm up`, the integration tests and the benchmarks, so all three run the
+stack exactly the same way: `python -m edgellm serve <name> <flags>` per service, with
+the resolved config passed on as flags (docker-compose runs the same `edgellm serve`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edgellm.config import Config, to_argv
+from edgellm.v1 import monitor_pb2, monitor_pb2_grpc
+
+# Start order: engines first (slowest to load), the monitor, then the public entry.
+SERVICES = ("prefill", "decode", "monitor", "gateway")
+
+
+def service_port(name: str, config: Config) -> int:
+    return getattr(config.network, f"{name}_port")
+
+
+def service_command(name: str, config: Config) -> list[str]:
+    return [sys.executable, "-m", "edgellm", "serve", name, *to_argv(config)]
+
+
+def is_serving(address: str, timeout_s: float = 1.0) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def route_table(monitor_address: str, timeout_s: float = 1.0) -> monitor_pb2.RouteTable:
+    with grpc.insecure_channel(monitor_address) as channel:
+        return monitor_pb2_grpc.MonitorStub(channel).GetStatus(monitor_pb2.GetStatusRequest(), timeout=timeout_s)
+
+
+@dataclass
+class Stack:
+    """The four services as child processes of this one."""
+
+    config: Config
+    log_dir: str | None = None  # None: children write to this process's stderr
+    env: dict[str, str] | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _logs: list[IO] = field(default_factory=list)
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{service_port(name, self.config)}"
+
+    def start(self, name: str) -> subprocess.Popen:
+        stderr = None
+        if self.log_dir is not None:
+            stderr = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
+            self._logs.append(stderr)
+        proc = subprocess.Popen(
+            service_command(name, self.config),
+            stdout=stderr,
+            stderr=stderr,
+            env={**os.environ, **(self.env or {})},
+            start_new_session=True,  # Ctrl-C reaches `up`, which then stops children in order
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_all(self) -> None:
+        for name in SERVICES:
+            self.start(name)
+
+    def wait_serving(self, names: tuple[str, ...] = SERVICES, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            while not is_serving(self.address(name)):
+                proc = self.procs.get(name)
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode}{self._log_hint(name)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} not serving after {timeout_s}s{self._log_hint(name)}")
+                time.sleep(0.2)
+
+    def wait_mode(self, mode: int, timeout_s: float = 30.0) -> monitor_pb2.RouteTable:
+        """Wait until the monitor's table is in `mode` with every configured service in it healthy or not."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                table = route_table(self.address("monitor"))
+                if table.mode == mode:
+                    return table
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"monitor did not reach mode {monitor_pb2.RouteMode.Name(mode)}")
+            time.sleep(0.1)
+
+    def wait_all_healthy(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                table = route_table(self.address("monitor"))
+                if table.services and all(s.healthy for s in table.services):
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("monitor does not see every service healthy")
+            time.sleep(0.1)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            proc.wait(timeout=30)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM every child (gateway first, so no new work arrives), then SIGKILL stragglers."""
+        for name in reversed(SERVICES):
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+                proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in self._logs:
+            f.close()
+
+    def _log_hint(self, name: str) -> str:
+        if self.log_dir is None:
+            return ""
+        path = os.path.join(self.log_dir, f"{name}.log")
+        try:
+            with open(path, "rb") as f:
+                tail = f.read()[-3000:].decode(errors="replace")
+        except OSError:
+            return ""
+        return f"; last log lines of {path}:\n{tail}"

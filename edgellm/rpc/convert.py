@@ -1,0 +1,37 @@
+"""Conversions between proto messages and engine types, and validation of internal requests."""
+
+from __future__ import annotations
+
+import grpc
+
+from edgellm.engine.sampling import SamplingParams
+from edgellm.v1 import common_pb2
+
+FINISH_TO_WIRE = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
+    "error": common_pb2.FINISH_REASON_ERROR,
+}
+WIRE_TO_FINISH = {v: k for k, v in FINISH_TO_WIRE.items()}
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k, seed=p.seed)
+
+
+def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+
+
+async def check_prompt(context: grpc.aio.ServicerContext, token_ids, vocab_size: int, max_context: int) -> None:
+    """Abort with INVALID_ARGUMENT unless token_ids is a usable prompt for this model."""
+    if not token_ids:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+    if len(token_ids) >= max_context:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"prompt has {len(token_ids)} tokens; the model's context is {max_context}",
+        )
+    if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be in [0, {vocab_size})")

@@ -1,0 +1,1 @@
+"""KV hand-off from prefill to decode: chunk codec, streaming sender, assembling receiver."""

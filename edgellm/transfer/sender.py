@@ -1,0 +1,81 @@
+"""Prefill side: stream one request's KV to a decode service while the forward pass runs.
+
+The engine thread calls `on_layer_kv(layer, k, v)` as each layer finishes; full layer
+groups are handed to the event loop at once, where they are encoded and written to the
+client-streaming PushKV call. So chunk i is on the wire while layer i+1 computes.
+`finish()` appends the closing message (chunk count, prompt length, first token);
+`ack` resolves with the decode service's KVAck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import torch
+
+from edgellm.transfer import codec
+from edgellm.v1 import decode_pb2, decode_pb2_grpc
+
+_END = object()
+
+
+class KVStreamSender:
+    def __init__(
+        self,
+        stub: decode_pb2_grpc.DecodeStub,
+        request_id: str,
+        num_layers: int,
+        layers_per_chunk: int,
+        max_chunk_bytes: int,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self._num_layers = num_layers
+        self._layers_per_chunk = layers_per_chunk
+        self._max_chunk_bytes = max_chunk_bytes
+        self._loop = asyncio.get_running_loop()
+        self._groups: asyncio.Queue = asyncio.Queue()
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_start = 0
+        self.num_chunks = 0
+        # Opening the call now means the stream is set up before the first layer is done.
+        self._call = stub.PushKV(self._messages(), timeout=timeout_s)
+        self.ack: asyncio.Task[decode_pb2.KVAck] = asyncio.ensure_future(self._call)
+
+    def on_layer_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Engine thread: k, v [kv_heads, S, D] of `layer` are final."""
+        if not self._pending:
+            self._pending_start = layer
+        self._pending.append((k, v))
+        if len(self._pending) == self._layers_per_chunk or layer == self._num_layers - 1:
+            group, start = self._pending, self._pending_start
+            self._pending = []
+            self._loop.call_soon_threadsafe(self._groups.put_nowait, (start, group))
+
+    def finish(self, num_prompt_tokens: int, first_token_id: int) -> None:
+        self._groups.put_nowait((_END, num_prompt_tokens, first_token_id))
+
+    def abort(self) -> None:
+        self._call.cancel()
+
+    async def _messages(self) -> AsyncIterator[decode_pb2.KVChunk]:
+        while True:
+            item = await self._groups.get()
+            if item[0] is _END:
+                _, num_prompt_tokens, first_token_id = item
+                yield decode_pb2.KVChunk(
+                    request_id=self.request_id,
+                    seq_no=self.num_chunks,
+                    is_last=True,
+                    num_chunks=self.num_chunks,
+                    num_prompt_tokens=num_prompt_tokens,
+                    first_token_id=first_token_id,
+                )
+                return
+            start, group = item
+            k = torch.stack([k for k, _ in group])  # [layers, kv_heads, S, D]
+            v = torch.stack([v for _, v in group])
+            for chunk in codec.encode(self.request_id, start, k, v, self._max_chunk_bytes, self.num_chunks):
+                self.num_chunks += 1
+                yield chunk

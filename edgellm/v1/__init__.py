@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for the edgellm.v1 proto package (scripts/gen_protos.py)."""

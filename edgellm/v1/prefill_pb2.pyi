@@ -1,0 +1,66 @@
+from edgellm.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PrefillRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address", "max_new_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _common_pb2.SamplingParams
+    decode_address: str
+    max_new_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+
+class PrefillResponse(_message.Message):
+    __slots__ = ("request_id", "first_token_id", "num_prompt_tokens", "forward_start_unix_ns", "forward_end_unix_ns", "kv", "finish_reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_START_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_END_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    first_token_id: int
+    num_prompt_tokens: int
+    forward_start_unix_ns: int
+    forward_end_unix_ns: int
+    kv: KVAckSummary
+    finish_reason: _common_pb2.FinishReason
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., forward_start_unix_ns: _Optional[int] = ..., forward_end_unix_ns: _Optional[int] = ..., kv: _Optional[_Union[KVAckSummary, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ...) -> None: ...
+
+class KVAckSummary(_message.Message):
+    __slots__ = ("num_chunks", "num_bytes", "first_chunk_received_unix_ns", "last_chunk_received_unix_ns")
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CHUNK_RECEIVED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHUNK_RECEIVED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    num_chunks: int
+    num_bytes: int
+    first_chunk_received_unix_ns: int
+    last_chunk_received_unix_ns: int
+    def __init__(self, num_chunks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., first_chunk_received_unix_ns: _Optional[int] = ..., last_chunk_received_unix_ns: _Optional[int] = ...) -> None: ...
+
+class GenerateLocalRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "max_new_tokens", "num_generated")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _common_pb2.SamplingParams
+    max_new_tokens: int
+    num_generated: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., num_generated: _Optional[int] = ...) -> None: ...

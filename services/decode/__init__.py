@@ -1,0 +1,1 @@
+"""The decode service: receives prompt KV from prefill and generates the remaining tokens."""

@@ -1,0 +1,40 @@
+"""`python -m services.decode [options]` (what `edgellm serve decode` runs)."""
+
+from __future__ import annotations
+
+import sys
+
+import uvloop
+
+from edgellm import config as cfg
+from edgellm import logs
+from edgellm.engine.setup import build_engine
+from edgellm.rpc.server import serve
+from edgellm.transfer.receiver import KVStore
+from edgellm.v1 import decode_pb2, decode_pb2_grpc
+from services.decode.servicer import DecodeServicer
+
+
+async def run(config: cfg.Config) -> None:
+    engine, loaded = build_engine(config.model)
+    # Unclaimed KV (a request whose first token already finished it, or whose gateway went away) expires.
+    store = KVStore(engine.model.new_kv, ttl_s=2 * config.transfer.kv_wait_timeout_s)
+
+    def register(server):
+        decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, store, config.transfer), server)
+        return [decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name]
+
+    try:
+        await serve("decode", f"{config.network.host}:{config.network.decode_port}", register)
+    finally:
+        engine.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = cfg.parse(argv, prog="edgellm serve decode")
+    logs.configure("decode", config.log_level)
+    uvloop.run(run(config))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,78 @@
+"""Decode servicer.
+
+PushKV(stream KVChunk): prefill streams a request's prompt KV here, layer by layer, while
+its forward pass runs. The KVStore verifies and assembles it; the ack carries arrival
+timestamps so overlap with prefill can be measured.
+
+Decode(request): claims the request's KV (waiting for it if it is still arriving), joins
+the engine's running batch and streams tokens 2, 3, ... back to the gateway. A client
+that goes away removes the sequence at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import grpc
+import structlog
+
+from edgellm.config import TransferConfig
+from edgellm.engine.loop import EngineLoop
+from edgellm.logs import bind_request
+from edgellm.rpc.convert import FINISH_TO_WIRE, sampling_from_proto
+from edgellm.transfer.codec import ChunkError
+from edgellm.transfer.receiver import KVStore
+from edgellm.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, engine: EngineLoop, store: KVStore, transfer: TransferConfig) -> None:
+        self.engine = engine
+        self.store = store
+        self.transfer = transfer
+
+    async def PushKV(
+        self, request_iterator: AsyncIterator[decode_pb2.KVChunk], context: grpc.aio.ServicerContext
+    ) -> decode_pb2.KVAck:
+        try:
+            received = await self.store.receive(request_iterator)
+        except ChunkError as e:
+            log.warning("kv_rejected", reason=str(e))
+            await context.abort(grpc.StatusCode.DATA_LOSS, f"KV stream rejected: {e}")
+        log.info("kv_received", request_id=received.request_id, num_chunks=received.num_chunks, num_bytes=received.num_bytes)
+        return decode_pb2.KVAck(
+            request_id=received.request_id,
+            num_chunks=received.num_chunks,
+            num_bytes=received.num_bytes,
+            first_chunk_received_unix_ns=received.first_chunk_received_unix_ns,
+            last_chunk_received_unix_ns=received.last_chunk_received_unix_ns,
+        )
+
+    async def Decode(
+        self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.TokenDelta]:
+        bind_request(request.request_id)
+        if request.max_new_tokens < 2:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be >= 2 (prefill makes the first)")
+        try:
+            received = await self.store.claim(request.request_id, self.transfer.kv_wait_timeout_s)
+        except asyncio.TimeoutError:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no complete KV for {request.request_id!r} after {self.transfer.kv_wait_timeout_s}s",
+            )
+        tokens = self.engine.generate(
+            request.request_id,
+            received.kv,
+            received.first_token_id,
+            1,
+            sampling_from_proto(request.sampling),
+            request.max_new_tokens,
+        )
+        async for token, finish in tokens:
+            yield common_pb2.TokenDelta(
+                request_id=request.request_id, token_ids=[token], finish_reason=FINISH_TO_WIRE.get(finish, 0)
+            )

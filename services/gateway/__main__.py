@@ -1,0 +1,58 @@
+"""`python -m services.gateway [options]` (what `edgellm serve gateway` runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import uvloop
+
+from edgellm import config as cfg
+from edgellm import logs
+from edgellm.rpc.channels import ChannelPool
+from edgellm.rpc.server import serve
+from edgellm.v1 import gateway_pb2, gateway_pb2_grpc
+from services.gateway.router import Router
+from services.gateway.servicer import GatewayServicer
+
+
+async def run(config: cfg.Config) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from edgellm.engine.weights import resolve_model_dir
+
+    model_dir = resolve_model_dir(config.model.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    max_context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    net = config.network
+    router = Router(net.prefill_addresses, net.decode_addresses)
+    channels = ChannelPool()
+    follow_task: asyncio.Task | None = None
+
+    def register(server):
+        servicer = GatewayServicer(tokenizer, max_context, router, channels, config.gateway)
+        gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+        return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
+
+    async def ready() -> None:
+        nonlocal follow_task
+        follow_task = asyncio.create_task(router.follow(channels, net.monitor_address))
+
+    async def on_stop() -> None:
+        if follow_task is not None:
+            follow_task.cancel()
+
+    try:
+        await serve("gateway", f"{net.host}:{net.gateway_port}", register, ready=ready, on_stop=on_stop)
+    finally:
+        await channels.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = cfg.parse(argv, prog="edgellm serve gateway")
+    logs.configure("gateway", config.log_level)
+    uvloop.run(run(config))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

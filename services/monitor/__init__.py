@@ -1,0 +1,1 @@
+"""The monitor: health-checks every service and publishes the gateway's route table."""

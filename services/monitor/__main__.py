@@ -1,0 +1,51 @@
+"""`python -m services.monitor [options]` (what `edgellm serve monitor` runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import uvloop
+
+from edgellm import config as cfg
+from edgellm import logs
+from edgellm.rpc.channels import ChannelPool
+from edgellm.rpc.server import serve
+from edgellm.v1 import common_pb2, monitor_pb2, monitor_pb2_grpc
+from services.monitor.registry import Registry
+from services.monitor.servicer import HealthChecker, MonitorServicer
+
+
+async def run(config: cfg.Config) -> None:
+    net = config.network
+    services = [(a, common_pb2.SERVICE_ROLE_PREFILL) for a in net.prefill_addresses]
+    services += [(a, common_pb2.SERVICE_ROLE_DECODE) for a in net.decode_addresses]
+    registry = Registry(services, config.monitor.down_after, config.monitor.up_after)
+    channels = ChannelPool()
+    checker = HealthChecker(registry, channels, config.monitor)
+    check_task: asyncio.Task | None = None
+
+    def register(server):
+        monitor_pb2_grpc.add_MonitorServicer_to_server(MonitorServicer(checker), server)
+        return [monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name]
+
+    async def ready() -> None:
+        nonlocal check_task
+        check_task = asyncio.create_task(checker.run())
+
+    async def on_stop() -> None:
+        if check_task is not None:
+            check_task.cancel()
+        await channels.close()
+
+    await serve("monitor", f"{net.host}:{net.monitor_port}", register, ready=ready, on_stop=on_stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = cfg.parse(argv, prog="edgellm serve monitor")
+    logs.configure("monitor", config.log_level)
+    uvloop.run(run(config))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""The prefill service: high-precision prompt processing that streams KV to decode."""

@@ -1,0 +1,42 @@
+"""`python -m services.prefill [options]` (what `edgellm serve prefill` runs)."""
+
+from __future__ import annotations
+
+import sys
+
+import uvloop
+
+from edgellm import config as cfg
+from edgellm import logs
+from edgellm.engine.setup import build_engine
+from edgellm.rpc.channels import ChannelPool
+from edgellm.rpc.server import serve
+from edgellm.v1 import prefill_pb2, prefill_pb2_grpc
+from services.prefill.servicer import PrefillServicer
+
+
+async def run(config: cfg.Config) -> None:
+    engine, loaded = build_engine(config.model)
+    channels = ChannelPool()
+
+    def register(server):
+        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(engine, channels, config.transfer), server)
+        return [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
+
+    async def on_stop() -> None:
+        await channels.close()
+
+    try:
+        await serve("prefill", f"{config.network.host}:{config.network.prefill_port}", register, on_stop=on_stop)
+    finally:
+        engine.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = cfg.parse(argv, prog="edgellm serve prefill")
+    logs.configure("prefill", config.log_level)
+    uvloop.run(run(config))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,118 @@
+"""Prefill servicer.
+
+Prefill(request): the prompt runs through the engine; each finished layer's K/V goes to
+the decode service named in the request over a PushKV stream opened before the forward
+pass starts. Returns the first token once decode has acknowledged the complete KV.
+
+GenerateLocal(request): degraded mode, used by the gateway when no decode service is
+healthy: this service prefills and then decodes the request itself.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+import structlog
+
+from edgellm.config import TransferConfig
+from edgellm.engine.loop import EngineLoop
+from edgellm.logs import bind_request
+from edgellm.rpc.channels import ChannelPool
+from edgellm.rpc.convert import FINISH_TO_WIRE, check_prompt, sampling_from_proto
+from edgellm.transfer.sender import KVStreamSender
+from edgellm.v1 import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, engine: EngineLoop, channels: ChannelPool, transfer: TransferConfig) -> None:
+        self.engine = engine
+        self.channels = channels
+        self.transfer = transfer
+        arch = engine.model.arch
+        self.vocab_size, self.num_layers = arch.vocab_size, arch.num_layers
+
+    async def Prefill(
+        self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.PrefillResponse:
+        bind_request(request.request_id)
+        await check_prompt(context, request.prompt_token_ids, self.vocab_size, self.engine.max_context)
+        if request.max_new_tokens < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be >= 1")
+        if not request.decode_address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "decode_address is required")
+        sampling = sampling_from_proto(request.sampling)
+        stub = decode_pb2_grpc.DecodeStub(self.channels.get(request.decode_address))
+        sender = KVStreamSender(
+            stub,
+            request.request_id,
+            self.num_layers,
+            self.transfer.kv_layers_per_chunk,
+            self.transfer.kv_max_chunk_bytes,
+            timeout_s=self.transfer.kv_wait_timeout_s,
+        )
+        try:
+            result = await self.engine.prefill(
+                list(request.prompt_token_ids), sampling, request.max_new_tokens, on_layer_kv=sender.on_layer_kv
+            )
+            sender.finish(result.kv.num_tokens, result.first_token_id)
+            ack = await sender.ack
+        except grpc.aio.AioRpcError as e:
+            log.warning("kv_push_failed", decode=request.decode_address, code=e.code().name, details=e.details())
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer to {request.decode_address} failed: {e.details()}")
+        except BaseException:  # cancelled by the gateway, or the engine failed: close the KV stream too
+            sender.abort()
+            raise
+        log.info(
+            "prefilled",
+            num_prompt_tokens=result.kv.num_tokens,
+            forward_ms=(result.forward_end_unix_ns - result.forward_start_unix_ns) / 1e6,
+            kv_chunks=ack.num_chunks,
+            kv_bytes=ack.num_bytes,
+        )
+        return prefill_pb2.PrefillResponse(
+            request_id=request.request_id,
+            first_token_id=result.first_token_id,
+            num_prompt_tokens=result.kv.num_tokens,
+            forward_start_unix_ns=result.forward_start_unix_ns,
+            forward_end_unix_ns=result.forward_end_unix_ns,
+            finish_reason=FINISH_TO_WIRE.get(result.finish_reason, 0),
+            kv=prefill_pb2.KVAckSummary(
+                num_chunks=ack.num_chunks,
+                num_bytes=ack.num_bytes,
+                first_chunk_received_unix_ns=ack.first_chunk_received_unix_ns,
+                last_chunk_received_unix_ns=ack.last_chunk_received_unix_ns,
+            ),
+        )
+
+    async def GenerateLocal(
+        self, request: prefill_pb2.GenerateLocalRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.TokenDelta]:
+        bind_request(request.request_id)
+        await check_prompt(context, request.prompt_token_ids, self.vocab_size, self.engine.max_context)
+        if request.max_new_tokens <= request.num_generated or request.num_generated >= len(request.prompt_token_ids):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "need num_generated < max_new_tokens and num_generated < len(prompt)"
+            )
+        sampling = sampling_from_proto(request.sampling)
+        first_index = request.num_generated
+        result = await self.engine.prefill(
+            list(request.prompt_token_ids), sampling, request.max_new_tokens, first_index=first_index
+        )
+        log.info("local_generate", num_prompt_tokens=result.kv.num_tokens, num_generated=first_index)
+        yield common_pb2.TokenDelta(
+            request_id=request.request_id,
+            token_ids=[result.first_token_id],
+            finish_reason=FINISH_TO_WIRE.get(result.finish_reason, 0),
+        )
+        if result.finish_reason is not None:
+            return
+        tokens = self.engine.generate(
+            request.request_id, result.kv, result.first_token_id, first_index + 1, sampling, request.max_new_tokens
+        )
+        async for token, finish in tokens:
+            yield common_pb2.TokenDelta(
+                request_id=request.request_id, token_ids=[token], finish_reason=FINISH_TO_WIRE.get(finish, 0)
+            )
