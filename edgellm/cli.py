@@ -35,9 +35,7 @@ def _up(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        stack.start_all()
-        stack.wait_serving()
-        stack.wait_all_healthy()
+        stack.start_and_wait()
         print("EdgeLLM is up:", flush=True)
         for name in SERVICES:
             print(f"  {name:<8} {config.network.host}:{service_port(name, config)}", flush=True)

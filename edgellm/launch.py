@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,18 @@ from edgellm.v1 import monitor_pb2, monitor_pb2_grpc
 
 # Start order: engines first (slowest to load), the monitor, then the public entry.
 SERVICES = ("prefill", "decode", "monitor", "gateway")
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (tests and benchmarks run stacks side by side)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_argv() -> list[str]:
+    """--<service>-port flags with a free port for each of the four services."""
+    return [arg for name in SERVICES for arg in (f"--{name}-port", str(free_port()))]
 
 
 def service_port(name: str, config: Config) -> int:
@@ -78,6 +91,17 @@ class Stack:
     def start_all(self) -> None:
         for name in SERVICES:
             self.start(name)
+
+    def start_and_wait(self) -> None:
+        """Start all four and return once the monitor routes in NORMAL mode; stop everything on failure."""
+        try:
+            self.start_all()
+            self.wait_serving()
+            self.wait_all_healthy()
+            self.wait_mode(monitor_pb2.ROUTE_MODE_NORMAL)
+        except BaseException:
+            self.stop()
+            raise
 
     def wait_serving(self, names: tuple[str, ...] = SERVICES, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s

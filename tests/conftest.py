@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random-weight Llama checkpoint, free ports, and real service stacks.
+
+Most tests run on the tiny model (4 layers, hidden 64) so they are fast on two cores; the
+equivalence and end-to-end tests marked `real_model` use the embedded SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from typing import Iterator
+
+import pytest
+import torch
+
+from edgellm import config as cfg
+from edgellm.engine.weights import prepare_default_model
+from edgellm.launch import Stack, free_port_argv
+
+
+def build_tiny_model(path: str, num_layers: int = 4, max_positions: int = 2048) -> str:
+    """A random Llama with the default model's tokenizer, saved as an HF checkpoint."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_default_model())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger than default init, so greedy outputs vary with the prompt
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def stack_config(model: str, **overrides: str) -> cfg.Config:
+    argv = ["--model", model, *free_port_argv()]
+    for key, value in overrides.items():
+        argv += ["--" + key.replace("_", "-"), str(value)]
+    return cfg.parse(argv, env={})
+
+
+def start_stack(config: cfg.Config) -> Stack:
+    log_dir = tempfile.mkdtemp(prefix="edgellm-stack-")
+    stack = Stack(config, log_dir=log_dir)
+    stack.start_and_wait()
+    return stack
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tiny_model_dir) -> Iterator[Stack]:
+    """A shared stack on the tiny model. Tests that kill services start their own."""
+    stack = start_stack(stack_config(tiny_model_dir))
+    yield stack
+    stack.stop()
+    shutil.rmtree(stack.log_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def real_stack() -> Iterator[Stack]:
+    stack = start_stack(stack_config(str(prepare_default_model())))
+    yield stack
+    stack.stop()
+    shutil.rmtree(stack.log_dir, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""End-to-end acceptance with the embedded SmolLM2-135M-Instruct through the real services."""
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from edgellm.client import Client
+from edgellm.engine.weights import prepare_default_model
+from edgellm.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+pytestmark = pytest.mark.real_model
+
+# Varied prompts: facts, instructions, code, lists, maths, open-ended; sent as one user message.
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain photosynthesis in one sentence.",
+    "List three primary colors.",
+    "What is 12 times 7?",
+    "Write a Python function that reverses a string.",
+    "Who wrote Romeo and Juliet?",
+    "Give me a tip for staying focused while studying.",
+    "Translate 'good morning' into Spanish.",
+    "What is the boiling point of water in Celsius?",
+    "Describe a cat to someone who has never seen one.",
+    "Why is the sky blue?",
+    "Name a planet in our solar system with rings.",
+    "Suggest a name for a friendly robot.",
+    "What does CPU stand for?",
+    "Write the first line of a mystery novel.",
+    "How many days are in a leap year?",
+    "What is the opposite of 'ancient'?",
+    "Summarize the plot of Cinderella in two sentences.",
+    "What are the benefits of drinking water?",
+]
+NUM_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def reference():
+    path = prepare_default_model()
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_cli_answers_paris(real_stack):
+    out = subprocess.run(
+        [sys.executable, "-m", "edgellm", "generate", "What is the capital of France?", "--temperature", "0",
+         "--gateway", real_stack.address("gateway")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_greedy_output_equals_transformers_generate(real_stack, reference):
+    tokenizer, model = reference
+    matches, report = 0, []
+    with Client(real_stack.address("gateway"), timeout_s=120) as client:
+        for prompt in PROMPTS:
+            messages = [{"role": "user", "content": prompt}]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            with torch.no_grad():
+                expected = model.generate(**ids, max_new_tokens=NUM_TOKENS, do_sample=False)[0, ids["input_ids"].shape[1]:]
+            got = client.generate_text(messages=messages, max_tokens=NUM_TOKENS, temperature=0)
+            ok = got.token_ids == expected.tolist()
+            matches += ok
+            report.append(f"{'ok ' if ok else 'DIFF'} {prompt!r}")
+    assert matches >= 19, "\n".join(report)
+
+
+def test_decode_receives_kv_before_prefill_finishes(real_stack):
+    """Layer-wise streaming: the first KV chunk reaches decode while prefill is still computing."""
+    tokenizer = AutoTokenizer.from_pretrained(prepare_default_model())
+    text = open(__file__).read() * 4
+    prompt_ids = tokenizer(text)["input_ids"][:600]
+    assert len(prompt_ids) == 600
+    with grpc.insecure_channel(real_stack.address("prefill")) as channel:
+        reply = prefill_pb2_grpc.PrefillStub(channel).Prefill(
+            prefill_pb2.PrefillRequest(
+                request_id="overlap-1",
+                prompt_token_ids=prompt_ids,
+                sampling=common_pb2.SamplingParams(temperature=0),
+                decode_address=real_stack.address("decode"),
+                max_new_tokens=4,
+            ),
+            timeout=120,
+        )
+    assert reply.num_prompt_tokens == 600
+    assert reply.kv.num_chunks >= 30  # one per layer at least
+    assert reply.forward_start_unix_ns < reply.kv.first_chunk_received_unix_ns < reply.forward_end_unix_ns, (
+        f"first chunk at +{(reply.kv.first_chunk_received_unix_ns - reply.forward_start_unix_ns) / 1e6:.1f} ms, "
+        f"forward pass ended at +{(reply.forward_end_unix_ns - reply.forward_start_unix_ns) / 1e6:.1f} ms"
+    )
+    # and the streamed KV is complete and usable: decode continues from it
+    with grpc.insecure_channel(real_stack.address("decode")) as channel:
+        deltas = list(
+            decode_pb2_grpc.DecodeStub(channel).Decode(
+                decode_pb2.DecodeRequest(request_id="overlap-1", sampling=common_pb2.SamplingParams(), max_new_tokens=4),
+                timeout=120,
+            )
+        )
+    assert 1 <= sum(len(d.token_ids) for d in deltas) <= 3

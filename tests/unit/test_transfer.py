@@ -1,0 +1,98 @@
+"""KV chunk codec and the receiver's integrity checks (no network: chunks fed directly)."""
+
+import asyncio
+
+import pytest
+import torch
+
+from edgellm.engine.kv_cache import SequenceKV
+from edgellm.transfer import codec
+from edgellm.transfer.receiver import KVStore
+from edgellm.v1 import decode_pb2
+
+LAYERS, HEADS, TOKENS, DIM = 4, 2, 50, 8
+
+
+def prompt_kv(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(LAYERS, HEADS, TOKENS, DIM, generator=g).to(dtype)
+    v = torch.randn(LAYERS, HEADS, TOKENS, DIM, generator=g).to(dtype)
+    return k, v
+
+
+def stream(k, v, max_bytes=1 << 20, layers_per_chunk=1):
+    chunks = []
+    for start in range(0, LAYERS, layers_per_chunk):
+        sl = slice(start, start + layers_per_chunk)
+        chunks += list(codec.encode("r1", start, k[sl], v[sl], max_bytes, len(chunks)))
+    last = decode_pb2.KVChunk(
+        request_id="r1", seq_no=len(chunks), is_last=True, num_chunks=len(chunks), num_prompt_tokens=TOKENS, first_token_id=7
+    )
+    return chunks + [last]
+
+
+async def feed(chunks):
+    for c in chunks:
+        yield c
+
+
+def new_store():
+    return KVStore(lambda capacity: SequenceKV(LAYERS, HEADS, DIM, torch.float32, capacity), ttl_s=60)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_assembles_the_exact_kv(dtype):
+    k, v = prompt_kv(dtype)
+    got = asyncio.run(new_store().receive(feed(stream(k, v, max_bytes=2048, layers_per_chunk=2))))
+    assert got.num_prompt_tokens == TOKENS and got.first_token_id == 7 and got.kv.num_tokens == TOKENS
+    for layer in range(LAYERS):
+        assert torch.equal(got.kv.k[layer][:, :TOKENS], k[layer].float())
+        assert torch.equal(got.kv.v[layer][:, :TOKENS], v[layer].float())
+
+
+def test_long_layers_are_split_by_tokens_under_the_size_limit():
+    k, v = prompt_kv()
+    chunks = stream(k, v, max_bytes=2048)[:-1]
+    assert all(len(c.k) + len(c.v) <= 2048 for c in chunks)
+    assert len(chunks) > LAYERS  # several token slices per layer
+    assert [c.seq_no for c in chunks] == list(range(len(chunks)))
+
+
+def corrupt(chunks):
+    chunks[1].k = bytes([chunks[1].k[0] ^ 0xFF]) + chunks[1].k[1:]
+    return chunks
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c: c[:1] + c[2:], "expected"),  # dropped
+        (lambda c: c[:2] + c[1:], "expected"),  # duplicated
+        (lambda c: [c[0], c[2], c[1]] + c[3:], "expected"),  # reordered
+        (corrupt, "checksum"),
+        (lambda c: c[:-1], "without its closing message"),  # stream cut
+    ],
+    ids=["dropped", "duplicated", "reordered", "corrupted", "cut"],
+)
+def test_damaged_streams_are_rejected(damage, message):
+    k, v = prompt_kv()
+    store = new_store()
+    with pytest.raises(codec.ChunkError, match=message):
+        asyncio.run(store.receive(feed(damage(stream(k, v)))))
+    assert len(store) == 0  # nothing half-received can be claimed
+
+
+def test_claim_waits_for_arrival_and_times_out_otherwise():
+    async def scenario():
+        store = new_store()
+        k, v = prompt_kv()
+        waiter = asyncio.create_task(store.claim("r1", timeout_s=5))
+        await asyncio.sleep(0.01)
+        await store.receive(feed(stream(k, v)))
+        got = await waiter
+        with pytest.raises(asyncio.TimeoutError):
+            await store.claim("never-sent", timeout_s=0.05)
+        return got, len(store)
+
+    got, remaining = asyncio.run(scenario())
+    assert got.request_id == "r1" and remaining == 0
