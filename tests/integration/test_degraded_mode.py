@@ -68,3 +68,6 @@ def test_decode_death_degrades_and_recovery_restores(stack):
         assert time.monotonic() < deadline, "requests did not go back to the decode service"
         assert client.generate_text(**PROMPT).token_ids == normal.token_ids
     client.close()
+
+    stack.stop()  # SIGTERM: every service drains and exits cleanly
+    assert {name: p.returncode for name, p in stack.procs.items()} == dict.fromkeys(stack.procs, 0)
