@@ -45,6 +45,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", str, "", "HF Llama-family checkpoint directory; empty = the embedded SmolLM2-135M-Instruct"),
     Option("dtype", str, "fp32", "engine precision", DTYPES),
     Option("threads", int, 0, "torch intra-op threads; 0 = torch's default"),
+    # engine
+    Option("kv_cache_mb", int, 1024, "memory for the paged KV cache of an engine (prefill in degraded mode, decode)"),
+    Option("kv_block_size", int, 16, "tokens per KV block"),
+    Option("max_batch_tokens", int, 2048, "prompt tokens packed into one prefill forward pass"),
+    Option("max_running", int, 64, "sequences in one decode batch"),
+    Option("max_consecutive_prefills", int, 4, "prefill batches in a row before running sequences get a decode step"),
     # network
     Option("host", str, "127.0.0.1", "interface the service listens on"),
     Option("gateway_port", int, 50051, "gateway gRPC port"),
@@ -82,6 +88,20 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.threads < 0:
             raise ValueError("threads must be >= 0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_cache_mb: int
+    kv_block_size: int
+    max_batch_tokens: int
+    max_running: int
+    max_consecutive_prefills: int
+
+    def __post_init__(self) -> None:
+        for name in ("kv_cache_mb", "kv_block_size", "max_batch_tokens", "max_running", "max_consecutive_prefills"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -160,6 +180,7 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig
+    engine: EngineConfig
     network: NetworkConfig
     transfer: TransferConfig
     monitor: MonitorConfig
@@ -173,6 +194,7 @@ class Config:
 
 _SECTIONS = {
     "model": ModelConfig,
+    "engine": EngineConfig,
     "network": NetworkConfig,
     "transfer": TransferConfig,
     "monitor": MonitorConfig,

@@ -1,57 +1,53 @@
-"""Per-sequence contiguous KV cache.
+"""The paged KV cache (tensors) and the per-step batch description the model reads.
 
-Layout per layer: K and V of shape [kv_heads, capacity, head_dim]; the first
-`num_tokens` positions are valid. Storage grows by doubling, so appending a
-token is amortised O(1). During a forward pass each layer appends the new
-tokens' K/V (`append`), and the pass ends with `commit(n)`, which advances
-`num_tokens` once for all layers.
+Storage per layer: K and V of shape [num_blocks * block_size, kv_heads, head_dim], i.e. a
+flat array of token slots; slot = block_id * block_size + offset. Which blocks belong to
+which sequence is bookkeeping (block_manager.py); the model only sees slot numbers
+(where to write new K/V) and block tables (where to read a sequence's context).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-class SequenceKV:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 0) -> None:
-        self.num_layers, self.num_kv_heads, self.head_dim, self.dtype = num_layers, num_kv_heads, head_dim, dtype
-        self.num_tokens = 0
-        capacity = max(capacity, 16)
-        self.k = [torch.empty(num_kv_heads, capacity, head_dim, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.empty(num_kv_heads, capacity, head_dim, dtype=dtype) for _ in range(num_layers)]
+@dataclass
+class ForwardBatch:
+    """Everything one forward pass needs to know about its sequences, as tensors."""
 
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[1]
+    token_ids: torch.Tensor  # [T] new tokens of all sequences, packed
+    positions: torch.Tensor  # [T] their positions within their sequences
+    is_prefill: bool
+    cu_seqlens: list[int]  # prefill: sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1]
+    slot_mapping: torch.Tensor | None = None  # [T] cache slot of each new token; -1 = do not store
+    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] (padded with 0)
+    context_lens: torch.Tensor | None = None  # decode: [B] tokens in context, the new one included
+    max_context_len: int = 0
 
-    @property
-    def num_bytes(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.num_tokens * self.head_dim * self.k[0].element_size()
 
-    def _grow(self, layer: int, needed: int) -> None:
-        new_cap = max(needed, 2 * self.capacity)
-        for store in (self.k, self.v):
-            grown = torch.empty(self.num_kv_heads, new_cap, self.head_dim, dtype=self.dtype)
-            # Copy all old capacity, not just num_tokens: write_prompt fills positions before commit.
-            grown[:, : store[layer].shape[1]] = store[layer]
-            store[layer] = grown
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new tokens' k, v ([kv_heads, S, D]) after the cached ones; return all valid K, V."""
-        end = self.num_tokens + k.shape[1]
-        if end > self.k[layer].shape[1]:
-            self._grow(layer, end)
-        self.k[layer][:, self.num_tokens : end] = k
-        self.v[layer][:, self.num_tokens : end] = v
-        return self.k[layer][:, :end], self.v[layer][:, :end]
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def commit(self, num_new: int) -> None:
-        self.num_tokens += num_new
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v ([T, Hkv, D]) at slots ([T]); tokens with slot -1 are not stored."""
+        keep = slots >= 0
+        if not bool(keep.all()):
+            slots, k, v = slots[keep], k[keep], v[keep]
+        self.k[layer][slots] = k.to(self.k[layer].dtype)
+        self.v[layer][slots] = v.to(self.v[layer].dtype)
 
-    def write_prompt(self, layer: int, token_start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Place received prompt K/V ([kv_heads, T, D]) at [token_start, token_start+T) of a layer."""
-        end = token_start + k.shape[1]
-        if end > self.k[layer].shape[1]:
-            self._grow(layer, end)
-        self.k[layer][:, token_start:end] = k.to(self.dtype)
-        self.v[layer][:, token_start:end] = v.to(self.dtype)
+    def gather(self, layer: int, block_tables: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of each sequence's first max_len slots: [B, Hkv, max_len, D] (beyond a context: garbage, masked)."""
+        num_seqs, max_blocks = block_tables.shape
+        slots = (block_tables[:, :, None] * self.block_size + torch.arange(self.block_size)).view(num_seqs, -1)[:, :max_len]
+        return self.k[layer][slots].transpose(1, 2), self.v[layer][slots].transpose(1, 2)

@@ -1,12 +1,12 @@
 """The engine's step loop: one thread that owns the model, fed from asyncio.
 
-Lifecycle of work:
-  prefill(tokens)  -> PrefillJob queued -> run whole prompt (per-layer KV hook) -> first token
-  generate(seq)    -> Sequence joins the running set -> one token per step -> leaves on
-                      EOS / max_new_tokens / context end / cancel
-Policy: a waiting prefill runs before the next decode step (time to first token first).
-The model never runs on the event loop; results come back through
-loop.call_soon_threadsafe into per-request asyncio queues and futures.
+Each step is schedule -> run -> postprocess:
+  schedule     Scheduler picks a packed prefill batch or a decode step (scheduler.py)
+  run          ModelRunner builds the tensors and runs the model (runner.py)
+  postprocess  sampled tokens go to their requests; finished sequences free their blocks
+Sequences join the running batch between steps and leave the moment they finish
+(EOS, max_new_tokens, end of context, cancel). The model never runs on the event loop;
+tokens come back through loop.call_soon_threadsafe into per-request asyncio queues.
 All torch compute of a process happens on this one thread, warm-up included: a second
 thread that has run parallel torch ops keeps its own OpenMP team, and two teams on two
 cores made every decode step 2x slower (32 -> 70 ms/token measured here).
@@ -17,64 +17,64 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import AsyncIterator
 
 import structlog
 import torch
 
-from edgellm.engine.kv_cache import SequenceKV
+from edgellm.engine.block_manager import BlockManager
+from edgellm.engine.kv_cache import PagedKVCache
 from edgellm.engine.model import LayerKVHook, LlamaModel
-from edgellm.engine.sampling import SamplingParams, sample
+from edgellm.engine.runner import ModelRunner
+from edgellm.engine.sampling import SamplingParams
+from edgellm.engine.scheduler import Scheduler, SchedulerOutput
+from edgellm.engine.sequence import Kind, Sequence, Status
 
 log = structlog.get_logger(__name__)
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    num_blocks: int
+    block_size: int = 16
+    max_batch_tokens: int = 2048  # prefill tokens packed into one forward
+    max_running: int = 64  # sequences in the decode batch
+    max_consecutive_prefills: int = 4  # then a decode step runs, so decoding never starves
+
+
 @dataclass
 class PrefillResult:
     first_token_id: int
     finish_reason: str | None  # set when the first token already ends the request
-    kv: SequenceKV
+    num_prompt_tokens: int
     forward_start_unix_ns: int
     forward_end_unix_ns: int
 
 
-@dataclass
-class PrefillJob:
-    token_ids: list[int]
-    sampling: SamplingParams
-    max_new_tokens: int
-    first_index: int  # sampling index of the token this prefill produces (> 0 when resuming)
-    on_layer_kv: LayerKVHook | None
-    done: Callable[[PrefillResult | BaseException], None]
-
-
-@dataclass
-class Sequence:
-    """A request in the decode phase. Its last sampled token is not yet in the KV."""
-
-    request_id: str
-    kv: SequenceKV
-    last_token_id: int
-    num_generated: int  # tokens sampled so far, the first one included
-    sampling: SamplingParams
-    max_new_tokens: int
-    emit: Callable[[int | None, str | None], None]  # (token, finish_reason); (None, "error") on failure
-    cancelled: bool = field(default=False)
+class EngineError(RuntimeError):
+    pass
 
 
 class EngineLoop:
-    def __init__(self, model: LlamaModel, eos_token_ids: frozenset[int], num_threads: int = 0) -> None:
+    def __init__(self, model: LlamaModel, eos_token_ids: frozenset[int], limits: EngineLimits, num_threads: int = 0):
         self.model = model
-        self.num_threads = num_threads  # torch intra-op threads; 0 = torch's default
         self.eos_token_ids = eos_token_ids
+        self.limits = limits
+        self.num_threads = num_threads  # torch intra-op threads; 0 = torch's default
         self.max_context = model.arch.max_position_embeddings
-        self._prefills: collections.deque[PrefillJob] = collections.deque()
-        self._incoming: collections.deque[Sequence] = collections.deque()
-        self._running: list[Sequence] = []
+        a = model.arch
+        dtype = model.embed_tokens.weight.dtype
+        self.blocks = BlockManager(limits.num_blocks, limits.block_size)
+        self.cache = PagedKVCache(a.num_layers, limits.num_blocks, limits.block_size, a.num_kv_heads, a.head_dim, dtype)
+        self.runner = ModelRunner(model, self.cache, self.blocks)
+        self.scheduler = Scheduler(self.blocks, limits.max_batch_tokens, limits.max_running, limits.max_consecutive_prefills)
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.max_decode_batch = 0  # largest decode step so far (evidence of batching)
+        self._inbox: collections.deque[Sequence] = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False
         self._warm = threading.Event()
@@ -94,87 +94,95 @@ class EngineLoop:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._inbox)
 
     # ---- asyncio-facing API ----------------------------------------------------------------
     async def prefill(
+        self, request_id: str, token_ids: list[int], sampling: SamplingParams, max_new_tokens: int, on_layer_kv: LayerKVHook
+    ) -> PrefillResult:
+        """Prefill only: the prompt's K/V go to on_layer_kv layer by layer; returns the first token."""
+        seq = Sequence(request_id, Kind.PREFILL_ONLY, list(token_ids), len(token_ids), sampling, max_new_tokens,
+                       emit=lambda *_: None, on_layer_kv=on_layer_kv)
+        async for token, finish in self._stream(seq):
+            return PrefillResult(token, finish, len(token_ids), seq.forward_start_unix_ns, seq.forward_end_unix_ns)
+        raise EngineError(f"prefill of {request_id} produced no token")
+
+    def generate(
         self,
+        request_id: str,
         token_ids: list[int],
         sampling: SamplingParams,
         max_new_tokens: int,
-        on_layer_kv: LayerKVHook | None = None,
-        first_index: int = 0,
-    ) -> PrefillResult:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[PrefillResult] = loop.create_future()
-
-        def done(result: PrefillResult | BaseException) -> None:
-            def settle() -> None:
-                if future.done():
-                    return
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-
-            loop.call_soon_threadsafe(settle)
-
-        self._submit(self._prefills, PrefillJob(token_ids, sampling, max_new_tokens, first_index, on_layer_kv, done))
-        return await future
-
-    async def generate(
-        self,
-        request_id: str,
-        kv: SequenceKV,
-        last_token_id: int,
-        num_generated: int,
-        sampling: SamplingParams,
-        max_new_tokens: int,
+        num_generated: int = 0,
+        staged_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> AsyncIterator[tuple[int, str | None]]:
-        """Yield (token_id, finish_reason) for tokens num_generated, num_generated+1, ...
+        """Yield (token_id, finish_reason) for token index num_generated onwards.
 
-        Leaving the iteration early (client gone, error) removes the sequence from the batch.
+        token_ids ends with the num_generated tokens already produced elsewhere. With
+        staged_kv (the prompt's K/V from a prefill service, [L, Hkv, P, D] each) no prefill
+        runs here. Leaving the iteration early (client gone) frees the sequence's blocks.
         """
+        num_prompt = len(token_ids) - num_generated
+        kind = Kind.FROM_KV if staged_kv is not None else Kind.LOCAL
+        seq = Sequence(request_id, kind, list(token_ids), num_prompt, sampling, max_new_tokens,
+                       emit=lambda *_: None, num_generated=num_generated, staged_kv=staged_kv)
+        return self._stream(seq)
+
+    def check_fits(self, num_tokens: int) -> None:
+        """Raise EngineError if a sequence of num_tokens could never fit in the KV cache."""
+        needed = self.blocks.num_blocks_for(num_tokens)
+        if needed > self.blocks.num_blocks:
+            raise EngineError(
+                f"request needs {needed} KV blocks ({num_tokens} tokens); this engine's cache has {self.blocks.num_blocks}"
+            )
+
+    async def _stream(self, seq: Sequence) -> AsyncIterator[tuple[int, str | None]]:
+        if seq.kind is not Kind.PREFILL_ONLY:
+            self.check_fits(seq.num_prompt_tokens + seq.max_new_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int | None, str | None]] = asyncio.Queue()
-
-        def emit(token: int | None, finish: str | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (token, finish))
-
-        seq = Sequence(request_id, kv, last_token_id, num_generated, sampling, max_new_tokens, emit)
-        self._submit(self._incoming, seq)
+        seq.emit = lambda token, finish: loop.call_soon_threadsafe(queue.put_nowait, (token, finish))
+        with self._wake:
+            self._inbox.append(seq)
+            self._wake.notify()
         try:
             while True:
                 token, finish = await queue.get()
                 if token is None:
-                    raise RuntimeError(f"engine failed while decoding {request_id}")
+                    raise EngineError(f"engine failed while running {seq.request_id}")
                 yield token, finish
                 if finish is not None:
                     return
         finally:
-            seq.cancelled = True  # read by the engine thread at its next step
+            seq.cancelled = True  # no-op once finished; otherwise the next step frees its blocks
+            with self._wake:
+                self._wake.notify()
 
-    def finish_reason(self, token_id: int, num_generated: int, max_new_tokens: int, num_tokens: int) -> str | None:
+    def finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         if token_id in self.eos_token_ids:
             return FINISH_STOP
-        if num_generated >= max_new_tokens or num_tokens >= self.max_context:
+        if seq.num_generated >= seq.max_new_tokens or seq.num_tokens >= self.max_context:
             return FINISH_LENGTH
         return None
 
     # ---- engine thread ---------------------------------------------------------------------
-    def _submit(self, queue: collections.deque, item: object) -> None:
-        with self._wake:
-            queue.append(item)
-            self._wake.notify()
-
     def _warm_up(self) -> None:
         """A short prefill and a decode step, so the first request does not pay for torch's
         lazy initialisation (kernel selection, allocator growth): ~1.5 s on the CPU here."""
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
-        kv = self.model.new_kv()
-        self.model(torch.zeros(16, dtype=torch.long), kv)
-        self.model(torch.zeros(1, dtype=torch.long), kv)
+        n = max(1, min(16, self.blocks.num_blocks * self.blocks.block_size - 1))
+        seq = Sequence("warm-up", Kind.LOCAL, [0] * n, n, SamplingParams(), 2, emit=lambda *_: None)
+        seq.block_table = self.blocks.allocate(n + 1)
+        self.runner.prefill([seq])
+        seq.token_ids.append(0)
+        seq.num_generated = 1
+        self.runner.decode([seq])
+        self.blocks.free(seq.block_table)
 
     def _run(self) -> None:
         try:
@@ -183,48 +191,61 @@ class EngineLoop:
             self._warm.set()
         while True:
             with self._wake:
-                while not (self._stopped or self._prefills or self._incoming or self._running):
-                    self._wake.wait()
+                while not self._stopped and not self._inbox and not self._has_runnable_work():
+                    self._wake.wait(timeout=0.05)
                 if self._stopped:
                     return
-                job = self._prefills.popleft() if self._prefills else None
-                while self._incoming:
-                    self._running.append(self._incoming.popleft())
-            if job is not None:
-                self._run_prefill(job)
-            else:
-                self._decode_step()
+            if self.step().is_empty:  # waiting for blocks or a cancellation: nothing to compute yet
+                with self._wake:
+                    self._wake.wait(timeout=0.05)
 
-    def _run_prefill(self, job: PrefillJob) -> None:
+    def step(self) -> SchedulerOutput:
+        """One engine iteration: take new sequences, schedule, run, postprocess.
+        Runs on the engine thread (tests call it directly on an engine that was not started)."""
+        with self._wake:
+            while self._inbox:
+                self.scheduler.add(self._inbox.popleft())
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return out
+        self.num_steps += 1
+        self.num_preemptions += len(out.preempted)
+        self.max_decode_batch = max(self.max_decode_batch, len(out.decodes))
         try:
-            kv = self.model.new_kv(capacity=len(job.token_ids) + min(job.max_new_tokens, 256))
-            start = time.time_ns()
-            logits = self.model(torch.tensor(job.token_ids, dtype=torch.long), kv, on_layer_kv=job.on_layer_kv)
-            end = time.time_ns()
-            first = sample(logits, job.sampling, index=job.first_index)
-            finish = self.finish_reason(first, job.first_index + 1, job.max_new_tokens, kv.num_tokens + 1)
-            job.done(PrefillResult(first, finish, kv, start, end))
-        except Exception as e:  # reported to the waiting request, the loop carries on
-            log.exception("prefill_failed")
-            job.done(e)
-
-    def _decode_step(self) -> None:
-        # Iteration-level: every running sequence advances one token, then the set is revised.
-        still_running = []
-        for seq in self._running:
-            if seq.cancelled:
-                continue
-            try:
-                logits = self.model(torch.tensor([seq.last_token_id], dtype=torch.long), seq.kv)
-                token = sample(logits, seq.sampling, index=seq.num_generated)
-            except Exception:
-                log.exception("decode_step_failed", request_id=seq.request_id)
+            self._run_step(out)
+        except Exception:
+            log.exception("engine_step_failed")
+            for seq in out.prefills + out.decodes + out.admitted_from_kv:
                 seq.emit(None, "error")
-                continue
-            seq.num_generated += 1
-            seq.last_token_id = token
-            finish = self.finish_reason(token, seq.num_generated, seq.max_new_tokens, seq.kv.num_tokens + 1)
-            seq.emit(token, finish)
-            if finish is None:
-                still_running.append(seq)
-        self._running = still_running
+                self.scheduler.finish(seq)
+        return out
+
+    def _has_runnable_work(self) -> bool:
+        s = self.scheduler
+        return bool(s.running) or any(q.cancelled or q.needs_prefill or q.staged_kv is not None for q in s.waiting)
+
+    def _run_step(self, out: SchedulerOutput) -> None:
+        for seq in out.admitted_from_kv:
+            self.runner.load_staged(seq)
+        if out.prefills:
+            firsts = self.runner.prefill(out.prefills)
+            for seq, token in zip(out.prefills, firsts):
+                if token is None:  # a recompute: KV rebuilt, its next input token is already known
+                    self.scheduler.start_running(seq)
+                    continue
+                self._append(seq, token)
+                if seq.kind is Kind.PREFILL_ONLY:
+                    seq.status = Status.FINISHED
+                elif seq.status is not Status.FINISHED:
+                    self.scheduler.start_running(seq)
+        elif out.decodes:
+            for seq, token in zip(out.decodes, self.runner.decode(out.decodes)):
+                self._append(seq, token)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        seq.num_generated += 1
+        finish = self.finish_reason(seq, token)
+        seq.emit(token, finish)
+        if finish is not None and seq.kind is not Kind.PREFILL_ONLY:
+            self.scheduler.finish(seq)

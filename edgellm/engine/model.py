@@ -2,9 +2,11 @@
 
 Parameter names follow Hugging Face's LlamaForCausalLM without the `model.` prefix,
 so a transformers state dict loads with a key rename only (see weights.py).
-The forward pass works on one sequence at a time against its SequenceKV and can
-hand each layer's freshly computed K/V to a callback: that is how prefill streams
-the KV cache to decode while the later layers are still computing.
+The forward pass runs a packed batch (ForwardBatch): several whole prompts (prefill,
+variable-length attention, no padding) or one new token for each of many sequences
+(decode, attention over the paged KV cache). It can hand each layer's freshly computed
+K/V to a callback: that is how prefill streams the KV cache to decode while the later
+layers are still computing.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgellm.engine.kv_cache import SequenceKV
+from edgellm.engine.kv_cache import ForwardBatch, PagedKVCache
 
-# Called after layer i with that layer's K and V for the new tokens: [kv_heads, S, head_dim].
+# Called after layer i with that layer's K and V for the batch's new tokens: [T, kv_heads, head_dim].
 LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -91,7 +93,7 @@ def rope_inv_freq(arch: LlamaArch) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [heads, S, D]; cos/sin: [S, D] (rotate-half convention, as in HF Llama)
+    # x: [T, heads, D]; cos/sin: [T, 1, D] (rotate-half convention, as in HF Llama)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -107,23 +109,39 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(arch.num_heads * arch.head_dim, arch.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: SequenceKV, layer: int
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache | None, layer: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        num_new = x.shape[0]  # x: [S, hidden]
-        q = self.q_proj(x).view(num_new, self.num_heads, self.head_dim).transpose(0, 1)  # [H, S, D]
-        k = self.k_proj(x).view(num_new, self.num_kv_heads, self.head_dim).transpose(0, 1)  # [Hkv, S, D]
-        v = self.v_proj(x).view(num_new, self.num_kv_heads, self.head_dim).transpose(0, 1)  # [Hkv, S, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        num_cached = kv.num_tokens
-        keys, values = kv.append(layer, k, v)  # [Hkv, cached + S, D]
-        if num_new == 1:
-            mask = None  # one new token attends to everything before it
+        num_tokens = x.shape[0]  # x: [T, hidden], all sequences' new tokens packed
+        q = apply_rope(self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
+        k = apply_rope(self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if cache is not None and batch.slot_mapping is not None:
+            cache.store(layer, batch.slot_mapping, k, v)
+        if batch.is_prefill:
+            out = self._prefill_attention(q, k, v, batch.cu_seqlens)
         else:
-            # Causal over the new tokens, full over the cached prefix: query i sees keys <= cached + i.
-            q_pos = torch.arange(num_new).unsqueeze(1) + num_cached
-            mask = torch.arange(num_cached + num_new).unsqueeze(0) <= q_pos  # [S, cached + S]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [H, S, D]
-        return self.o_proj(out.transpose(0, 1).reshape(num_new, -1)), k, v
+            assert cache is not None, "decode reads the paged cache"
+            out = self._decode_attention(q, cache, layer, batch)
+        return self.o_proj(out.reshape(num_tokens, -1)), k, v
+
+    def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+        # Variable-length: each packed sequence attends causally to itself only. A loop over
+        # sequences (not tokens); the projections and MLP ran on the packed batch without padding.
+        out = torch.empty_like(q)
+        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [heads, L, D]
+            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(0, 1)
+        return out
+
+    def _decode_attention(self, q: torch.Tensor, cache: PagedKVCache, layer: int, batch: ForwardBatch) -> torch.Tensor:
+        # One new token per sequence attends to its whole context, read from the paged cache
+        # through the block tables in one gather; padding beyond each context is masked out.
+        keys, values = cache.gather(layer, batch.block_tables, batch.max_context_len)  # [B, Hkv, L, D]
+        mask = torch.arange(batch.max_context_len)[None, :] < batch.context_lens[:, None]  # [B, L]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], enable_gqa=True
+        )  # [B, H, 1, D]
+        return out.squeeze(2)
 
 
 class MLP(nn.Module):
@@ -156,38 +174,32 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
-    def new_kv(self, capacity: int = 0) -> SequenceKV:
-        a = self.arch
-        return SequenceKV(a.num_layers, a.num_kv_heads, a.head_dim, self.embed_tokens.weight.dtype, capacity)
-
     @torch.inference_mode()
     def forward(
         self,
-        token_ids: torch.Tensor,
-        kv: SequenceKV,
+        batch: ForwardBatch,
+        cache: PagedKVCache | None,
         on_layer_kv: LayerKVHook | None = None,
         all_logits: bool = False,
     ) -> torch.Tensor:
-        """Run the new tokens of one sequence, appending their K/V to `kv`.
+        """Run one packed batch: prefill (several whole prompts) or decode (one token per sequence).
 
-        token_ids: [S] int64, the tokens after the kv.num_tokens already cached.
-        Returns fp32 logits, [S, vocab] if all_logits else [vocab] for the last token.
+        New K/V go to the cache at batch.slot_mapping (when given) and to on_layer_kv as each
+        layer finishes. Returns fp32 logits: one row per sequence (its last token), or one row
+        per token with all_logits.
         """
-        start = kv.num_tokens
-        positions = torch.arange(start, start + token_ids.shape[0], dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq)  # [S, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        freqs = torch.outer(batch.positions.float(), self.inv_freq)  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D], broadcast over heads
         dtype = self.embed_tokens.weight.dtype
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
-        h = self.embed_tokens(token_ids)  # [S, hidden]
+        h = self.embed_tokens(batch.token_ids)  # [T, hidden]
         for i, layer in enumerate(self.layers):
-            attn_out, k, v = layer.self_attn(layer.input_layernorm(h), cos, sin, kv, i)
+            attn_out, k, v = layer.self_attn(layer.input_layernorm(h), cos, sin, batch, cache, i)
             if on_layer_kv is not None:
                 on_layer_kv(i, k, v)
             h = h + attn_out
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        kv.commit(token_ids.shape[0])
-        h = self.norm(h if all_logits else h[-1:])
-        logits = self.lm_head(h).float()
-        return logits if all_logits else logits[0]
+        if not all_logits and batch.is_prefill:
+            h = h[torch.tensor(batch.cu_seqlens[1:]) - 1]  # each sequence's last token
+        return self.lm_head(self.norm(h)).float()

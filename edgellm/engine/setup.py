@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from edgellm.config import ModelConfig
-from edgellm.engine.loop import EngineLoop
+from edgellm.config import EngineConfig, ModelConfig
+from edgellm.engine.kv_cache import PagedKVCache
+from edgellm.engine.loop import EngineLimits, EngineLoop
 from edgellm.engine.weights import LoadedModel, load_model
 
 
-def build_engine(cfg: ModelConfig) -> tuple[EngineLoop, LoadedModel]:
-    loaded = load_model(cfg.model, cfg.dtype)
-    engine = EngineLoop(loaded.model, loaded.eos_token_ids, num_threads=cfg.threads)
+def build_engine(model_cfg: ModelConfig, engine_cfg: EngineConfig) -> tuple[EngineLoop, LoadedModel]:
+    loaded = load_model(model_cfg.model, model_cfg.dtype)
+    a = loaded.model.arch
+    dtype = loaded.model.embed_tokens.weight.dtype
+    block_bytes = PagedKVCache.bytes_per_block(a.num_layers, engine_cfg.kv_block_size, a.num_kv_heads, a.head_dim, dtype)
+    limits = EngineLimits(
+        num_blocks=max(1, engine_cfg.kv_cache_mb * 2**20 // block_bytes),
+        block_size=engine_cfg.kv_block_size,
+        max_batch_tokens=engine_cfg.max_batch_tokens,
+        max_running=engine_cfg.max_running,
+        max_consecutive_prefills=engine_cfg.max_consecutive_prefills,
+    )
+    engine = EngineLoop(loaded.model, loaded.eos_token_ids, limits, num_threads=model_cfg.threads)
     engine.start()  # returns after the engine thread's warm-up
     return engine, loaded

@@ -1,9 +1,11 @@
 """Decode side: assemble streamed KV chunks into a sequence's cache, then hand it to Decode.
 
 Lifecycle of one request here:
-  PushKV stream opens -> chunks verified (checksum, order, ranges) and written into a
-  SequenceKV -> closing message checks that every layer x token was covered ->
-  entry becomes ready -> Decode(request_id) takes it (or it expires after a TTL).
+  PushKV stream opens -> chunks verified (checksum, order, ranges) and written into staging
+  tensors [layers, kv_heads, prompt_tokens, head_dim] -> closing message checks that every
+  layer x token was covered -> entry becomes ready -> Decode(request_id) takes it (or it
+  expires after a TTL) and hands it to the engine, which copies it into KV blocks when the
+  sequence joins the decode batch. Staging keeps the transfer independent of block supply.
 A request whose stream fails any check is dropped whole: it is never decoded from wrong KV.
 """
 
@@ -12,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
-from edgellm.engine.kv_cache import SequenceKV
+import torch
 from edgellm.transfer import codec
 from edgellm.v1 import decode_pb2
 
@@ -22,7 +24,8 @@ from edgellm.v1 import decode_pb2
 @dataclass
 class ReceivedKV:
     request_id: str
-    kv: SequenceKV
+    k: torch.Tensor  # [layers, kv_heads, prompt_tokens, head_dim]
+    v: torch.Tensor
     num_prompt_tokens: int
     first_token_id: int
     num_chunks: int
@@ -41,8 +44,9 @@ class _Slot:
 class KVStore:
     """Received prompt KV by request id, waiting to be claimed by a Decode call."""
 
-    def __init__(self, new_kv: Callable[[int], SequenceKV], ttl_s: float) -> None:
-        self._new_kv = new_kv
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, ttl_s: float) -> None:
+        self._shape = (num_layers, num_kv_heads, head_dim)
+        self._dtype = dtype
         self._ttl_s = ttl_s
         self._slots: dict[str, _Slot] = {}
 
@@ -60,7 +64,9 @@ class KVStore:
 
     async def receive(self, chunks: AsyncIterator[decode_pb2.KVChunk]) -> ReceivedKV:
         """Consume one PushKV stream; raises codec.ChunkError if it is not complete and intact."""
-        kv: SequenceKV | None = None
+        k_all: torch.Tensor | None = None
+        v_all: torch.Tensor | None = None
+        num_prompt = 0
         request_id = None
         expected_seq = 0
         covered: dict[int, int] = {}  # layer -> tokens received contiguously from 0
@@ -78,21 +84,31 @@ class KVStore:
             if chunk.is_last:
                 if chunk.num_chunks != expected_seq - 1:
                     raise codec.ChunkError(f"stream ended after {expected_seq - 1} chunks, sender sent {chunk.num_chunks}")
-                if kv is None or any(covered.get(layer, 0) != chunk.num_prompt_tokens for layer in range(kv.num_layers)):
+                if k_all is None or any(covered.get(layer, 0) != num_prompt for layer in range(self._shape[0])):
                     raise codec.ChunkError("stream ended before every layer's KV arrived")
-                kv.commit(chunk.num_prompt_tokens)
-                result = ReceivedKV(request_id, kv, chunk.num_prompt_tokens, chunk.first_token_id, expected_seq - 1, num_bytes, first_ns, now)
+                result = ReceivedKV(
+                    request_id, k_all, v_all, num_prompt, chunk.first_token_id, expected_seq - 1, num_bytes, first_ns, now
+                )
                 slot = self._slot(request_id)
                 slot.result = result
                 slot.ready.set()
                 return result
             k, v = codec.decode(chunk)
-            if kv is None:
-                kv = self._new_kv(chunk.token_end)
+            if k_all is None:
+                num_prompt = chunk.num_prompt_tokens
+                num_layers, num_heads, head_dim = self._shape
+                k_all = torch.empty(num_layers, num_heads, num_prompt, head_dim, dtype=self._dtype)
+                v_all = torch.empty_like(k_all)
+            if chunk.num_prompt_tokens != num_prompt or chunk.token_end > num_prompt or k.shape[1:2] + k.shape[3:] != (
+                self._shape[1],
+                self._shape[2],
+            ):
+                raise codec.ChunkError(f"chunk {chunk.seq_no}: shape or prompt length disagrees with the stream")
             for i, layer in enumerate(range(chunk.layer_start, chunk.layer_end)):
-                if layer >= kv.num_layers or covered.get(layer, 0) != chunk.token_start:
+                if layer >= self._shape[0] or covered.get(layer, 0) != chunk.token_start:
                     raise codec.ChunkError(f"chunk {chunk.seq_no}: layer {layer} tokens out of order")
-                kv.write_prompt(layer, chunk.token_start, k[i], v[i])
+                k_all[layer, :, chunk.token_start : chunk.token_end] = k[i]
+                v_all[layer, :, chunk.token_start : chunk.token_end] = v[i]
                 covered[layer] = chunk.token_end
             num_bytes += len(chunk.k) + len(chunk.v)
         raise codec.ChunkError("stream closed without its closing message")

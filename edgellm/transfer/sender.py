@@ -25,12 +25,14 @@ class KVStreamSender:
         self,
         stub: decode_pb2_grpc.DecodeStub,
         request_id: str,
+        num_prompt_tokens: int,
         num_layers: int,
         layers_per_chunk: int,
         max_chunk_bytes: int,
         timeout_s: float | None = None,
     ) -> None:
         self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
         self._num_layers = num_layers
         self._layers_per_chunk = layers_per_chunk
         self._max_chunk_bytes = max_chunk_bytes
@@ -53,8 +55,8 @@ class KVStreamSender:
             self._pending = []
             self._loop.call_soon_threadsafe(self._groups.put_nowait, (start, group))
 
-    def finish(self, num_prompt_tokens: int, first_token_id: int) -> None:
-        self._groups.put_nowait((_END, num_prompt_tokens, first_token_id))
+    def finish(self, first_token_id: int) -> None:
+        self._groups.put_nowait((_END, first_token_id))
 
     def abort(self) -> None:
         self._call.cancel()
@@ -63,19 +65,19 @@ class KVStreamSender:
         while True:
             item = await self._groups.get()
             if item[0] is _END:
-                _, num_prompt_tokens, first_token_id = item
                 yield decode_pb2.KVChunk(
                     request_id=self.request_id,
                     seq_no=self.num_chunks,
                     is_last=True,
                     num_chunks=self.num_chunks,
-                    num_prompt_tokens=num_prompt_tokens,
-                    first_token_id=first_token_id,
+                    num_prompt_tokens=self.num_prompt_tokens,
+                    first_token_id=item[1],
                 )
                 return
             start, group = item
             k = torch.stack([k for k, _ in group])  # [layers, kv_heads, S, D]
             v = torch.stack([v for _, v in group])
             for chunk in codec.encode(self.request_id, start, k, v, self._max_chunk_bytes, self.num_chunks):
+                chunk.num_prompt_tokens = self.num_prompt_tokens
                 self.num_chunks += 1
                 yield chunk

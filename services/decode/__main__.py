@@ -16,9 +16,12 @@ from services.decode.servicer import DecodeServicer
 
 
 async def run(config: cfg.Config) -> None:
-    engine, loaded = build_engine(config.model)
+    engine, loaded = build_engine(config.model, config.engine)
     # Unclaimed KV (a request whose first token already finished it, or whose gateway went away) expires.
-    store = KVStore(engine.model.new_kv, ttl_s=2 * config.transfer.kv_wait_timeout_s)
+    arch = engine.model.arch
+    store = KVStore(
+        arch.num_layers, arch.num_kv_heads, arch.head_dim, engine.cache.k[0].dtype, ttl_s=2 * config.transfer.kv_wait_timeout_s
+    )
 
     def register(server):
         decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, store, config.transfer), server)

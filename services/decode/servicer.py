@@ -18,7 +18,7 @@ import grpc
 import structlog
 
 from edgellm.config import TransferConfig
-from edgellm.engine.loop import EngineLoop
+from edgellm.engine.loop import EngineError, EngineLoop
 from edgellm.logs import bind_request
 from edgellm.rpc.convert import FINISH_TO_WIRE, sampling_from_proto
 from edgellm.transfer.codec import ChunkError
@@ -64,15 +64,23 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"no complete KV for {request.request_id!r} after {self.transfer.kv_wait_timeout_s}s",
             )
+        if len(request.prompt_token_ids) != received.num_prompt_tokens:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt_token_ids has {len(request.prompt_token_ids)} tokens, the KV {received.num_prompt_tokens}",
+            )
         tokens = self.engine.generate(
             request.request_id,
-            received.kv,
-            received.first_token_id,
-            1,
+            [*request.prompt_token_ids, received.first_token_id],
             sampling_from_proto(request.sampling),
             request.max_new_tokens,
+            num_generated=1,
+            staged_kv=(received.k, received.v),
         )
-        async for token, finish in tokens:
-            yield common_pb2.TokenDelta(
-                request_id=request.request_id, token_ids=[token], finish_reason=FINISH_TO_WIRE.get(finish, 0)
-            )
+        try:
+            async for token, finish in tokens:
+                yield common_pb2.TokenDelta(
+                    request_id=request.request_id, token_ids=[token], finish_reason=FINISH_TO_WIRE.get(finish, 0)
+                )
+        except EngineError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))

@@ -179,7 +179,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if finish is not None:
             return
         decode = decode_pb2_grpc.DecodeStub(self.channels.get(route.decode))
-        call = decode.Decode(decode_pb2.DecodeRequest(request_id=request_id, sampling=sampling, max_new_tokens=max_new))
+        call = decode.Decode(
+            decode_pb2.DecodeRequest(
+                request_id=request_id,
+                sampling=sampling,
+                max_new_tokens=max_new,
+                prompt_token_ids=progress.prompt_token_ids,
+            )
+        )
         async for delta in call:
             for token in delta.token_ids:
                 yield token, WIRE_TO_FINISH.get(delta.finish_reason)

@@ -16,7 +16,7 @@ from services.prefill.servicer import PrefillServicer
 
 
 async def run(config: cfg.Config) -> None:
-    engine, loaded = build_engine(config.model)
+    engine, loaded = build_engine(config.model, config.engine)
     channels = ChannelPool()
 
     def register(server):

@@ -16,7 +16,7 @@ import grpc
 import structlog
 
 from edgellm.config import TransferConfig
-from edgellm.engine.loop import EngineLoop
+from edgellm.engine.loop import EngineError, EngineLoop
 from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.convert import FINISH_TO_WIRE, check_prompt, sampling_from_proto
@@ -48,6 +48,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         sender = KVStreamSender(
             stub,
             request.request_id,
+            len(request.prompt_token_ids),
             self.num_layers,
             self.transfer.kv_layers_per_chunk,
             self.transfer.kv_max_chunk_bytes,
@@ -55,9 +56,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         )
         try:
             result = await self.engine.prefill(
-                list(request.prompt_token_ids), sampling, request.max_new_tokens, on_layer_kv=sender.on_layer_kv
+                request.request_id, list(request.prompt_token_ids), sampling, request.max_new_tokens, sender.on_layer_kv
             )
-            sender.finish(result.kv.num_tokens, result.first_token_id)
+            sender.finish(result.first_token_id)
             ack = await sender.ack
         except grpc.aio.AioRpcError as e:
             log.warning("kv_push_failed", decode=request.decode_address, code=e.code().name, details=e.details())
@@ -67,7 +68,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise
         log.info(
             "prefilled",
-            num_prompt_tokens=result.kv.num_tokens,
+            num_prompt_tokens=result.num_prompt_tokens,
             forward_ms=(result.forward_end_unix_ns - result.forward_start_unix_ns) / 1e6,
             kv_chunks=ack.num_chunks,
             kv_bytes=ack.num_bytes,
@@ -75,7 +76,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.PrefillResponse(
             request_id=request.request_id,
             first_token_id=result.first_token_id,
-            num_prompt_tokens=result.kv.num_tokens,
+            num_prompt_tokens=result.num_prompt_tokens,
             forward_start_unix_ns=result.forward_start_unix_ns,
             forward_end_unix_ns=result.forward_end_unix_ns,
             finish_reason=FINISH_TO_WIRE.get(result.finish_reason, 0),
@@ -97,22 +98,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "need num_generated < max_new_tokens and num_generated < len(prompt)"
             )
         sampling = sampling_from_proto(request.sampling)
-        first_index = request.num_generated
-        result = await self.engine.prefill(
-            list(request.prompt_token_ids), sampling, request.max_new_tokens, first_index=first_index
-        )
-        log.info("local_generate", num_prompt_tokens=result.kv.num_tokens, num_generated=first_index)
-        yield common_pb2.TokenDelta(
-            request_id=request.request_id,
-            token_ids=[result.first_token_id],
-            finish_reason=FINISH_TO_WIRE.get(result.finish_reason, 0),
-        )
-        if result.finish_reason is not None:
-            return
+        log.info("local_generate", num_prompt_tokens=len(request.prompt_token_ids), num_generated=request.num_generated)
         tokens = self.engine.generate(
-            request.request_id, result.kv, result.first_token_id, first_index + 1, sampling, request.max_new_tokens
+            request.request_id, list(request.prompt_token_ids), sampling, request.max_new_tokens, request.num_generated
         )
-        async for token, finish in tokens:
-            yield common_pb2.TokenDelta(
-                request_id=request.request_id, token_ids=[token], finish_reason=FINISH_TO_WIRE.get(finish, 0)
-            )
+        try:
+            async for token, finish in tokens:
+                yield common_pb2.TokenDelta(
+                    request_id=request.request_id, token_ids=[token], finish_reason=FINISH_TO_WIRE.get(finish, 0)
+                )
+        except EngineError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))

@@ -5,7 +5,6 @@ import asyncio
 import pytest
 import torch
 
-from edgellm.engine.kv_cache import SequenceKV
 from edgellm.transfer import codec
 from edgellm.transfer.receiver import KVStore
 from edgellm.v1 import decode_pb2
@@ -25,6 +24,8 @@ def stream(k, v, max_bytes=1 << 20, layers_per_chunk=1):
     for start in range(0, LAYERS, layers_per_chunk):
         sl = slice(start, start + layers_per_chunk)
         chunks += list(codec.encode("r1", start, k[sl], v[sl], max_bytes, len(chunks)))
+    for c in chunks:
+        c.num_prompt_tokens = TOKENS
     last = decode_pb2.KVChunk(
         request_id="r1", seq_no=len(chunks), is_last=True, num_chunks=len(chunks), num_prompt_tokens=TOKENS, first_token_id=7
     )
@@ -37,17 +38,15 @@ async def feed(chunks):
 
 
 def new_store():
-    return KVStore(lambda capacity: SequenceKV(LAYERS, HEADS, DIM, torch.float32, capacity), ttl_s=60)
+    return KVStore(LAYERS, HEADS, DIM, torch.float32, ttl_s=60)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_round_trip_assembles_the_exact_kv(dtype):
     k, v = prompt_kv(dtype)
     got = asyncio.run(new_store().receive(feed(stream(k, v, max_bytes=2048, layers_per_chunk=2))))
-    assert got.num_prompt_tokens == TOKENS and got.first_token_id == 7 and got.kv.num_tokens == TOKENS
-    for layer in range(LAYERS):
-        assert torch.equal(got.kv.k[layer][:, :TOKENS], k[layer].float())
-        assert torch.equal(got.kv.v[layer][:, :TOKENS], v[layer].float())
+    assert got.num_prompt_tokens == TOKENS and got.first_token_id == 7
+    assert torch.equal(got.k, k.float()) and torch.equal(got.v, v.float())
 
 
 def test_long_layers_are_split_by_tokens_under_the_size_limit():
