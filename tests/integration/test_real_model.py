@@ -101,7 +101,12 @@ def test_decode_receives_kv_before_prefill_finishes(real_stack):
     with grpc.insecure_channel(real_stack.address("decode")) as channel:
         deltas = list(
             decode_pb2_grpc.DecodeStub(channel).Decode(
-                decode_pb2.DecodeRequest(request_id="overlap-1", sampling=common_pb2.SamplingParams(), max_new_tokens=4),
+                decode_pb2.DecodeRequest(
+                    request_id="overlap-1",
+                    sampling=common_pb2.SamplingParams(),
+                    max_new_tokens=4,
+                    prompt_token_ids=prompt_ids,
+                ),
                 timeout=120,
             )
         )
