@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -82,7 +83,7 @@ def local_stack() -> Iterator[tuple[str, dict[str, Any]]]:
             yield stack.address("gateway"), {
                 "model": model_dir.name,
                 "dtype": config.model.dtype,
-                "threads": config.model.threads,
+                "placement": dataclasses.asdict(config.placement),
             }
         finally:
             stack.stop()
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     gateway: contextlib.AbstractContextManager[tuple[str, dict[str, Any]]]
     if args.gateway:
-        gateway = contextlib.nullcontext((args.gateway, {"model": None, "dtype": None, "threads": None}))
+        gateway = contextlib.nullcontext((args.gateway, {"model": None, "dtype": None, "placement": None}))
     else:
         print("starting a local stack ...", file=sys.stderr, flush=True)
         gateway = local_stack()

@@ -44,7 +44,13 @@ OPTIONS: tuple[Option, ...] = (
     # model
     Option("model", str, "", "HF Llama-family checkpoint directory; empty = the embedded SmolLM2-135M-Instruct"),
     Option("dtype", str, "fp32", "engine precision", DTYPES),
-    Option("threads", int, 0, "torch intra-op threads; 0 = torch's default"),
+    # placement (each service reads its own)
+    Option("prefill_threads", int, 0, "torch threads of the prefill engine; 0 = one per CPU it may use"),
+    Option("decode_threads", int, 0, "torch threads of the decode engine; 0 = one per CPU it may use"),
+    Option("prefill_cpus", str, "", "CPUs the prefill service is pinned to, e.g. '0' or '0-1,3'; empty = any"),
+    Option("decode_cpus", str, "", "CPUs the decode service is pinned to; empty = any"),
+    Option("gateway_cpus", str, "", "CPUs the gateway is pinned to; empty = any"),
+    Option("monitor_cpus", str, "", "CPUs the monitor is pinned to; empty = any"),
     # engine
     Option("kv_cache_mb", int, 1024, "memory for the paged KV cache of an engine (prefill in degraded mode, decode)"),
     Option("kv_block_size", int, 16, "tokens per KV block"),
@@ -77,17 +83,51 @@ OPTIONS: tuple[Option, ...] = (
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
 
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """'0-2,5' -> (0, 1, 2, 5)."""
+    cpus: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        cpus += range(int(first), int(last or first) + 1)
+    return tuple(cpus)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str
     dtype: str
-    threads: int
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.threads < 0:
-            raise ValueError("threads must be >= 0")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Which CPUs each service may use, and how many torch threads each engine runs.
+    On one machine this stands in for separate devices (e.g. prefill on core 0, decode on core 1)."""
+
+    prefill_threads: int
+    decode_threads: int
+    prefill_cpus: str
+    decode_cpus: str
+    gateway_cpus: str
+    monitor_cpus: str
+
+    def __post_init__(self) -> None:
+        if self.prefill_threads < 0 or self.decode_threads < 0:
+            raise ValueError("prefill_threads and decode_threads must be >= 0")
+        for service in ("prefill", "decode", "gateway", "monitor"):
+            try:
+                parse_cpu_list(getattr(self, f"{service}_cpus"))
+            except ValueError:
+                raise ValueError(f"{service}_cpus must look like '0' or '0-1,3'") from None
+
+    def cpus(self, service: str) -> tuple[int, ...]:
+        return parse_cpu_list(getattr(self, f"{service}_cpus"))
+
+    def threads(self, service: str) -> int:
+        return getattr(self, f"{service}_threads")
 
 
 @dataclass(frozen=True)
@@ -180,6 +220,7 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig
+    placement: PlacementConfig
     engine: EngineConfig
     network: NetworkConfig
     transfer: TransferConfig
@@ -194,6 +235,7 @@ class Config:
 
 _SECTIONS = {
     "model": ModelConfig,
+    "placement": PlacementConfig,
     "engine": EngineConfig,
     "network": NetworkConfig,
     "transfer": TransferConfig,

@@ -26,6 +26,13 @@ from edgellm.v1 import monitor_pb2, monitor_pb2_grpc
 SERVICES = ("prefill", "decode", "monitor", "gateway")
 
 
+def pin_process(cpus: tuple[int, ...]) -> None:
+    """Restrict this process to `cpus` (no-op when empty). Call before starting threads:
+    threads inherit the affinity of the thread that creates them."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago (tests and benchmarks run stacks side by side)."""
     with socket.socket() as s:

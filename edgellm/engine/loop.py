@@ -7,9 +7,8 @@ Each step is schedule -> run -> postprocess:
 Sequences join the running batch between steps and leave the moment they finish
 (EOS, max_new_tokens, end of context, cancel). The model never runs on the event loop;
 tokens come back through loop.call_soon_threadsafe into per-request asyncio queues.
-All torch compute of a process happens on this one thread, warm-up included: a second
-thread that has run parallel torch ops keeps its own OpenMP team, and two teams on two
-cores made every decode step 2x slower (32 -> 70 ms/token measured here).
+All heavy torch compute of a process happens on this one thread, with num_threads
+threads; the event loop's thread stays single-threaded (see setup.place_process).
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ class EngineLoop:
         self.model = model
         self.eos_token_ids = eos_token_ids
         self.limits = limits
-        self.num_threads = num_threads  # torch intra-op threads; 0 = torch's default
+        self.num_threads = num_threads  # torch threads of the engine thread; 0 = leave as is
         self.max_context = model.arch.max_position_embeddings
         a = model.arch
         dtype = model.embed_tokens.weight.dtype

@@ -8,6 +8,7 @@ import uvloop
 
 from edgellm import config as cfg
 from edgellm import logs
+from edgellm.launch import pin_process
 from edgellm.engine.setup import build_engine
 from edgellm.rpc.server import serve
 from edgellm.transfer.receiver import KVStore
@@ -16,7 +17,7 @@ from services.decode.servicer import DecodeServicer
 
 
 async def run(config: cfg.Config) -> None:
-    engine, loaded = build_engine(config.model, config.engine)
+    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("decode"))
     # Unclaimed KV (a request whose first token already finished it, or whose gateway went away) expires.
     arch = engine.model.arch
     store = KVStore(
@@ -36,6 +37,7 @@ async def run(config: cfg.Config) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = cfg.parse(argv, prog="edgellm serve decode")
     logs.configure("decode", config.log_level)
+    pin_process(config.placement.cpus("decode"))
     uvloop.run(run(config))
 
 

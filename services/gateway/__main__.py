@@ -9,6 +9,7 @@ import uvloop
 
 from edgellm import config as cfg
 from edgellm import logs
+from edgellm.launch import pin_process
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.server import serve
 from edgellm.v1 import gateway_pb2, gateway_pb2_grpc
@@ -51,6 +52,7 @@ async def run(config: cfg.Config) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = cfg.parse(argv, prog="edgellm serve gateway")
     logs.configure("gateway", config.log_level)
+    pin_process(config.placement.cpus("gateway"))
     uvloop.run(run(config))
 
 

@@ -9,6 +9,7 @@ import uvloop
 
 from edgellm import config as cfg
 from edgellm import logs
+from edgellm.launch import pin_process
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.server import serve
 from edgellm.v1 import common_pb2, monitor_pb2, monitor_pb2_grpc
@@ -44,6 +45,7 @@ async def run(config: cfg.Config) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = cfg.parse(argv, prog="edgellm serve monitor")
     logs.configure("monitor", config.log_level)
+    pin_process(config.placement.cpus("monitor"))
     uvloop.run(run(config))
 
 

@@ -8,6 +8,7 @@ import uvloop
 
 from edgellm import config as cfg
 from edgellm import logs
+from edgellm.launch import pin_process
 from edgellm.engine.setup import build_engine
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.server import serve
@@ -16,7 +17,7 @@ from services.prefill.servicer import PrefillServicer
 
 
 async def run(config: cfg.Config) -> None:
-    engine, loaded = build_engine(config.model, config.engine)
+    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("prefill"))
     channels = ChannelPool()
 
     def register(server):
@@ -35,6 +36,7 @@ async def run(config: cfg.Config) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = cfg.parse(argv, prog="edgellm serve prefill")
     logs.configure("prefill", config.log_level)
+    pin_process(config.placement.cpus("prefill"))
     uvloop.run(run(config))
 
 
