@@ -26,7 +26,7 @@ def _up(argv: list[str]) -> int:
     cfg.add_arguments(parser)
     config = cfg.from_namespace(parser.parse_args(argv))
     from edgellm.engine.weights import resolve_model_dir
-    from edgellm.launch import SERVICES, Stack, service_port
+    from edgellm.launch import Stack, service_port
 
     # Convert the default model once here, not in three services at the same time.
     resolve_model_dir(config.model.model)
@@ -37,7 +37,7 @@ def _up(argv: list[str]) -> int:
     try:
         stack.start_and_wait()
         print("EdgeLLM is up:", flush=True)
-        for name in SERVICES:
+        for name in stack.services:
             print(f"  {name:<8} {config.network.host}:{service_port(name, config)}", flush=True)
         print("Try: edgellm generate 'What is the capital of France?'   (Ctrl-C stops all)", flush=True)
         while not stop.is_set():

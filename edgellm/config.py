@@ -36,6 +36,14 @@ class Option:
         return "EDGELLM_" + self.name.upper()
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _addresses(text: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in text.split(",") if a.strip())
 
@@ -66,6 +74,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("prefill_addrs", _addresses, (), "comma-separated prefill services; empty = 127.0.0.1:<prefill-port>"),
     Option("decode_addrs", _addresses, (), "comma-separated decode services; empty = 127.0.0.1:<decode-port>"),
     Option("monitor_addr", str, "", "monitor service; empty = 127.0.0.1:<monitor-port>"),
+    Option("colocated", _bool, False, "baseline: no decode service, the prefill service runs both phases"),
     # KV transfer
     Option("kv_layers_per_chunk", int, 1, "decoder layers per KV chunk"),
     Option("kv_max_chunk_bytes", int, 1 << 20, "largest KV chunk payload; long prompts are split by token range"),
@@ -154,6 +163,7 @@ class NetworkConfig:
     prefill_addrs: tuple[str, ...]
     decode_addrs: tuple[str, ...]
     monitor_addr: str
+    colocated: bool
 
     def __post_init__(self) -> None:
         for name in ("gateway_port", "prefill_port", "decode_port", "monitor_port"):
@@ -167,6 +177,8 @@ class NetworkConfig:
 
     @property
     def decode_addresses(self) -> tuple[str, ...]:
+        if self.colocated:
+            return ()
         return self.decode_addrs or (f"127.0.0.1:{self.decode_port}",)
 
     @property

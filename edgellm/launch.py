@@ -95,17 +95,22 @@ class Stack:
         self.procs[name] = proc
         return proc
 
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The services this stack runs: all four, or no decode service in colocated mode."""
+        return tuple(s for s in SERVICES if not (s == "decode" and self.config.network.colocated))
+
     def start_all(self) -> None:
-        for name in SERVICES:
+        for name in self.services:
             self.start(name)
 
     def start_and_wait(self) -> None:
         """Start all four and return once the monitor routes in NORMAL mode; stop everything on failure."""
         try:
             self.start_all()
-            self.wait_serving()
+            self.wait_serving(self.services)
             self.wait_all_healthy()
-            self.wait_mode(monitor_pb2.ROUTE_MODE_NORMAL)
+            self.wait_mode(monitor_pb2.ROUTE_MODE_COLOCATED if self.config.network.colocated else monitor_pb2.ROUTE_MODE_NORMAL)
         except BaseException:
             self.stop()
             raise

@@ -13,9 +13,11 @@ class RouteMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROUTE_MODE_UNSPECIFIED: _ClassVar[RouteMode]
     ROUTE_MODE_NORMAL: _ClassVar[RouteMode]
     ROUTE_MODE_DEGRADED: _ClassVar[RouteMode]
+    ROUTE_MODE_COLOCATED: _ClassVar[RouteMode]
 ROUTE_MODE_UNSPECIFIED: RouteMode
 ROUTE_MODE_NORMAL: RouteMode
 ROUTE_MODE_DEGRADED: RouteMode
+ROUTE_MODE_COLOCATED: RouteMode
 
 class ServiceState(_message.Message):
     __slots__ = ("address", "role", "healthy", "consecutive_failures", "last_change_unix_ms")

@@ -35,7 +35,7 @@ class Router:
     def __init__(self, prefill_addresses: tuple[str, ...], decode_addresses: tuple[str, ...]) -> None:
         self.table = monitor_pb2.RouteTable(
             version=0,
-            mode=monitor_pb2.ROUTE_MODE_NORMAL,
+            mode=monitor_pb2.ROUTE_MODE_NORMAL if decode_addresses else monitor_pb2.ROUTE_MODE_COLOCATED,
             prefill_addresses=prefill_addresses,
             decode_addresses=decode_addresses,
         )
@@ -50,7 +50,7 @@ class Router:
         if not table.prefill_addresses:
             raise NoRoute("no healthy prefill service")
         prefill = table.prefill_addresses[n % len(table.prefill_addresses)]
-        if table.mode == monitor_pb2.ROUTE_MODE_DEGRADED or not table.decode_addresses:
+        if table.mode != monitor_pb2.ROUTE_MODE_NORMAL or not table.decode_addresses:
             return Route(prefill, None)
         return Route(prefill, table.decode_addresses[n % len(table.decode_addresses)])
 
