@@ -1,23 +1,27 @@
-"""The fixed benchmark workload and the closed-loop load generator that sends it.
+"""What the benchmark sends: a fixed, seeded request distribution.
 
-Every request is one user chat message drawn, with a seeded `random.Random`, from PROMPTS
-and sent greedily (temperature 0) with the same max_tokens, so two runs with the same
-seed do the same work. A level runs its requests through `concurrency` workers that each
-send their next request as soon as their previous one ends (closed loop), so exactly
-`concurrency` requests are in flight until the list runs out.
+Short chat request (closed loop, Poisson, and the mix's short streams): one user message
+drawn uniformly from the 16 PROMPTS (about 36 prompt tokens with SmolLM2's chat template and
+system prompt), greedy (temperature 0), max_tokens drawn uniformly from SHORT_MAX_TOKENS =
+[32, 64]; the mix's short streams send the same prompts with max_tokens 64. A request may
+stop earlier at end-of-sequence (greedy, so each prompt always gives the same output).
+Requests are drawn one after another with `random.Random(seed)`, so every level, rate and
+stack of a run sends the same requests in the same order (a level with n requests sends
+the first n).
 
-Client-side timings are taken with `time.perf_counter()` from the call to the first
-delta that carries tokens (TTFT) and between the first and the last such delta (TPOT).
+Poisson arrivals: the gaps are seeded unit exponentials divided by the rate, so every
+rate sees the same arrival pattern, scaled.
+
+Long prompt (the mix's prefill-heavy requests): "Document i." followed by LONG_PROSE
+repeated LONG_REPEATS times and an instruction to summarize, about 1,460 prompt tokens;
+max_tokens LONG_MAX_TOKENS. The leading number makes every long prompt distinct.
 """
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import random
-import time
 from dataclasses import dataclass
-
-from edgellm.client import AsyncClient, Delta, GenerationError
 
 PROMPTS: tuple[str, ...] = (
     "What is the capital of France?",
@@ -37,71 +41,39 @@ PROMPTS: tuple[str, ...] = (
     "What are the primary colors?",
     "Write a Python function that adds two numbers.",
 )
+SHORT_MAX_TOKENS = (32, 64)  # inclusive range of a short request's max_tokens
+MIX_SHORT_MAX_TOKENS = 64
 
-REQUEST_TIMEOUT_S = 300.0  # a hung request fails instead of stalling the whole run
-
-
-def sample_prompts(seed: int, num_requests: int) -> list[str]:
-    """The prompts of one level: the same list for every level of a run with this seed."""
-    return random.Random(seed).choices(PROMPTS, k=num_requests)
-
-
-@dataclass(frozen=True)
-class RequestResult:
-    ttft_ms: float | None = None  # client side; None when no token arrived
-    tpot_ms: float | None = None  # client side; None with fewer than two tokens
-    completion_tokens: int = 0
-    server_ttft_ms: float | None = None  # as reported on the last delta
-    server_tpot_ms: float | None = None
-    error: str = ""
+LONG_PROSE = (  # 102 tokens with SmolLM2's tokenizer
+    "The river town woke slowly in the autumn fog. Fishermen carried their nets down to the harbour "
+    "while the baker opened his shutters and set the first loaves on the cooling racks. Children ran "
+    "along the stone wall that kept the tide out of the market square, and an old ferry sounded its "
+    "horn as it left for the islands across the bay. By noon the fog had lifted, the bells of the "
+    "church rang twelve times, and the town went about its business as it had for three hundred years. "
+)
+LONG_REPEATS = 14
+LONG_MAX_TOKENS = 4
 
 
 @dataclass(frozen=True)
-class LevelResult:
-    concurrency: int
-    wall_s: float
-    requests: list[RequestResult]
+class BenchRequest:
+    prompt: str  # the content of one user message
+    max_tokens: int
 
 
-async def run_request(client: AsyncClient, prompt: str, max_tokens: int) -> RequestResult:
-    messages = [{"role": "user", "content": prompt}]
-    start = time.perf_counter()
-    first_token_at = last_token_at = 0.0
-    num_tokens = 0
-    final: Delta | None = None
-    try:
-        async for delta in client.generate(messages=messages, max_tokens=max_tokens, temperature=0.0):
-            if delta.token_ids or delta.text:
-                last_token_at = time.perf_counter()
-                first_token_at = first_token_at or last_token_at
-                num_tokens += len(delta.token_ids)
-            if delta.finish_reason:
-                final = delta
-    except GenerationError as e:
-        return RequestResult(error=str(e))
-    if final is None or not first_token_at:
-        return RequestResult(error="stream ended without a finish_reason or without a token")
-    num_tokens = final.completion_tokens or num_tokens
-    return RequestResult(
-        ttft_ms=(first_token_at - start) * 1e3,
-        tpot_ms=(last_token_at - first_token_at) * 1e3 / (num_tokens - 1) if num_tokens > 1 else None,
-        completion_tokens=num_tokens,
-        server_ttft_ms=final.ttft_ms,
-        server_tpot_ms=final.tpot_ms,
-    )
+def sample_requests(seed: int, num_requests: int, max_tokens: int | None = None) -> list[BenchRequest]:
+    """The first `num_requests` short requests of the seeded sequence; `max_tokens` replaces the drawn one."""
+    rng = random.Random(seed)
+    drawn = [BenchRequest(rng.choice(PROMPTS), rng.randint(*SHORT_MAX_TOKENS)) for _ in range(num_requests)]
+    return drawn if max_tokens is None else [BenchRequest(r.prompt, max_tokens) for r in drawn]
 
 
-async def run_level(client: AsyncClient, prompts: list[str], concurrency: int, max_tokens: int) -> LevelResult:
-    """Send `prompts` with `concurrency` in flight; results come back in prompt order."""
-    results: list[RequestResult | None] = [None] * len(prompts)
-    indices = iter(range(len(prompts)))  # shared: each worker takes the next unsent prompt
+def long_request(index: int) -> BenchRequest:
+    prompt = f"Document {index}. " + LONG_PROSE * LONG_REPEATS + "Summarize the text above in one sentence."
+    return BenchRequest(prompt, LONG_MAX_TOKENS)
 
-    async def worker() -> None:
-        for i in indices:
-            results[i] = await run_request(client, prompts[i], max_tokens)
 
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall_s = time.perf_counter() - start
-    return LevelResult(concurrency, wall_s, [r for r in results if r is not None])
-
+def arrival_times(seed: int, num_requests: int, rate_per_s: float) -> list[float]:
+    """Seconds from the start at which each request of a Poisson process with this rate arrives."""
+    rng = random.Random(seed)
+    return list(itertools.accumulate(rng.expovariate(1.0) / rate_per_s for _ in range(num_requests)))

@@ -86,6 +86,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("up_after", int, 2, "consecutive good checks that mark a service up again"),
     # gateway
     Option("default_max_tokens", int, 256, "max_tokens when a request leaves it 0"),
+    Option("max_queued_requests", int, 256, "requests waiting in the gateway's prefill pool; more get RESOURCE_EXHAUSTED"),
+    Option("max_inflight_prefills", int, 8, "requests at prefill services at once (what one prefill batch can take)"),
+    Option("request_timeout_s", float, 0.0, "per-request deadline at the gateway; 0 = only the client's deadline"),
     # process
     Option("log_level", str, "info", "log level", LOG_LEVELS),
 )
@@ -223,10 +226,16 @@ class MonitorConfig:
 @dataclass(frozen=True)
 class GatewayConfig:
     default_max_tokens: int
+    max_queued_requests: int
+    max_inflight_prefills: int
+    request_timeout_s: float
 
     def __post_init__(self) -> None:
-        if self.default_max_tokens < 1:
-            raise ValueError("default_max_tokens must be >= 1")
+        for name in ("default_max_tokens", "max_inflight_prefills"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_queued_requests < 0 or self.request_timeout_s < 0:
+            raise ValueError("max_queued_requests and request_timeout_s must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,11 @@ class DecodeStub:
                 request_serializer=edgellm_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=edgellm_dot_v1_dot_common__pb2.TokenDelta.FromString,
                 _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/edgellm.v1.Decode/GetLoad',
+                request_serializer=edgellm_dot_v1_dot_common__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=edgellm_dot_v1_dot_common__pb2.Load.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -63,6 +68,12 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLoad(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +86,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=edgellm_dot_v1_dot_decode__pb2.DecodeRequest.FromString,
                     response_serializer=edgellm_dot_v1_dot_common__pb2.TokenDelta.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=edgellm_dot_v1_dot_common__pb2.GetLoadRequest.FromString,
+                    response_serializer=edgellm_dot_v1_dot_common__pb2.Load.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +147,33 @@ class Decode:
             '/edgellm.v1.Decode/Decode',
             edgellm_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
             edgellm_dot_v1_dot_common__pb2.TokenDelta.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgellm.v1.Decode/GetLoad',
+            edgellm_dot_v1_dot_common__pb2.GetLoadRequest.SerializeToString,
+            edgellm_dot_v1_dot_common__pb2.Load.FromString,
             options,
             channel_credentials,
             insecure,

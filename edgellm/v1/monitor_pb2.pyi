@@ -20,18 +20,20 @@ ROUTE_MODE_DEGRADED: RouteMode
 ROUTE_MODE_COLOCATED: RouteMode
 
 class ServiceState(_message.Message):
-    __slots__ = ("address", "role", "healthy", "consecutive_failures", "last_change_unix_ms")
+    __slots__ = ("address", "role", "healthy", "consecutive_failures", "last_change_unix_ms", "load")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
     LAST_CHANGE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     address: str
     role: _common_pb2.ServiceRole
     healthy: bool
     consecutive_failures: int
     last_change_unix_ms: int
-    def __init__(self, address: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.ServiceRole, str]] = ..., healthy: _Optional[bool] = ..., consecutive_failures: _Optional[int] = ..., last_change_unix_ms: _Optional[int] = ...) -> None: ...
+    load: _common_pb2.Load
+    def __init__(self, address: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.ServiceRole, str]] = ..., healthy: _Optional[bool] = ..., consecutive_failures: _Optional[int] = ..., last_change_unix_ms: _Optional[int] = ..., load: _Optional[_Union[_common_pb2.Load, _Mapping]] = ...) -> None: ...
 
 class RouteTable(_message.Message):
     __slots__ = ("version", "mode", "prefill_addresses", "decode_addresses", "services")

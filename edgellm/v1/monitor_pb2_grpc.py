@@ -50,7 +50,7 @@ class MonitorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def WatchRoutes(self, request, context):
-        """The current table at once, then every change.
+        """The current table at once, then every health change and every new heartbeat load.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

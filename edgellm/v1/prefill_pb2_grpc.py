@@ -45,6 +45,11 @@ class PrefillStub:
                 request_serializer=edgellm_dot_v1_dot_prefill__pb2.GenerateLocalRequest.SerializeToString,
                 response_deserializer=edgellm_dot_v1_dot_common__pb2.TokenDelta.FromString,
                 _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/edgellm.v1.Prefill/GetLoad',
+                request_serializer=edgellm_dot_v1_dot_common__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=edgellm_dot_v1_dot_common__pb2.Load.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -62,6 +67,12 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLoad(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +85,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.GenerateLocal,
                     request_deserializer=edgellm_dot_v1_dot_prefill__pb2.GenerateLocalRequest.FromString,
                     response_serializer=edgellm_dot_v1_dot_common__pb2.TokenDelta.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=edgellm_dot_v1_dot_common__pb2.GetLoadRequest.FromString,
+                    response_serializer=edgellm_dot_v1_dot_common__pb2.Load.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +146,33 @@ class Prefill:
             '/edgellm.v1.Prefill/GenerateLocal',
             edgellm_dot_v1_dot_prefill__pb2.GenerateLocalRequest.SerializeToString,
             edgellm_dot_v1_dot_common__pb2.TokenDelta.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgellm.v1.Prefill/GetLoad',
+            edgellm_dot_v1_dot_common__pb2.GetLoadRequest.SerializeToString,
+            edgellm_dot_v1_dot_common__pb2.Load.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,6 +20,7 @@ import structlog
 from edgellm.config import TransferConfig
 from edgellm.engine.loop import EngineError, EngineLoop
 from edgellm.logs import bind_request
+from edgellm.rpc.load import engine_load
 from edgellm.rpc.convert import FINISH_TO_WIRE, sampling_from_proto
 from edgellm.transfer.codec import ChunkError
 from edgellm.transfer.receiver import KVStore
@@ -84,3 +85,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 )
         except EngineError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+    async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:
+        return engine_load(self.engine)

@@ -13,6 +13,7 @@ from edgellm.launch import pin_process
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.server import serve
 from edgellm.v1 import gateway_pb2, gateway_pb2_grpc
+from services.gateway.pools import Pools
 from services.gateway.router import Router
 from services.gateway.servicer import GatewayServicer
 
@@ -31,7 +32,8 @@ async def run(config: cfg.Config) -> None:
     follow_task: asyncio.Task | None = None
 
     def register(server):
-        servicer = GatewayServicer(tokenizer, max_context, router, channels, config.gateway)
+        pools = Pools(config.gateway.max_queued_requests, config.gateway.max_inflight_prefills)
+        servicer = GatewayServicer(tokenizer, max_context, router, pools, channels, config.gateway)
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
         return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 import structlog
@@ -45,14 +46,15 @@ class Router:
     def is_degraded(self) -> bool:
         return self.table.mode == monitor_pb2.ROUTE_MODE_DEGRADED
 
-    def pick(self) -> Route:
+    def pick(self, choose_decode: Callable[[monitor_pb2.RouteTable], str | None]) -> Route:
+        """A prefill service (round robin) and, in NORMAL mode, the decode service choose_decode picks."""
         table, n = self.table, next(self._counter)
         if not table.prefill_addresses:
             raise NoRoute("no healthy prefill service")
         prefill = table.prefill_addresses[n % len(table.prefill_addresses)]
-        if table.mode != monitor_pb2.ROUTE_MODE_NORMAL or not table.decode_addresses:
+        if table.mode != monitor_pb2.ROUTE_MODE_NORMAL:
             return Route(prefill, None)
-        return Route(prefill, table.decode_addresses[n % len(table.decode_addresses)])
+        return Route(prefill, choose_decode(table))
 
     async def follow(self, channels: ChannelPool, monitor_address: str) -> None:
         """Run forever: apply every table the monitor publishes."""
@@ -60,7 +62,7 @@ class Router:
         while True:
             try:
                 async for table in stub.WatchRoutes(monitor_pb2.WatchRoutesRequest(watcher="gateway")):
-                    if table.version != self.table.version or table.mode != self.table.mode:
+                    if table.version != self.table.version or table.mode != self.table.mode:  # not load-only
                         log.info(
                             "routes_updated",
                             version=table.version,

@@ -24,6 +24,7 @@ class ServiceHealth:
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     last_change_unix_ms: int = 0
+    load: common_pb2.Load | None = None
 
 
 class Registry:
@@ -75,6 +76,7 @@ class Registry:
                     healthy=s.healthy,
                     consecutive_failures=s.consecutive_failures,
                     last_change_unix_ms=s.last_change_unix_ms,
+                    load=s.load,
                 )
                 for s in self.services.values()
             ],

@@ -16,10 +16,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgellm.config import MonitorConfig
 from edgellm.rpc.channels import ChannelPool
-from edgellm.v1 import common_pb2, monitor_pb2, monitor_pb2_grpc
+from edgellm.v1 import common_pb2, decode_pb2_grpc, monitor_pb2, monitor_pb2_grpc, prefill_pb2_grpc
 from services.monitor.registry import Registry
 
 log = structlog.get_logger(__name__)
+
+# Engine services report their load on each heartbeat.
+LOAD_RPCS = {
+    common_pb2.SERVICE_ROLE_PREFILL: lambda channel: prefill_pb2_grpc.PrefillStub(channel).GetLoad,
+    common_pb2.SERVICE_ROLE_DECODE: lambda channel: decode_pb2_grpc.DecodeStub(channel).GetLoad,
+}
 
 
 class HealthChecker:
@@ -28,14 +34,24 @@ class HealthChecker:
         self.channels = channels
         self.cfg = cfg
         self.changed = asyncio.Condition()
+        self.num_rounds = 0  # completed heartbeat rounds
 
     async def _check(self, address: str) -> bool:
-        stub = health_pb2_grpc.HealthStub(self.channels.get(address))
+        """One heartbeat: grpc.health.v1 Check, then (engines) the load report."""
+        channel = self.channels.get(address)
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.cfg.health_timeout_s)
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self.cfg.health_timeout_s
+            )
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+            service = self.registry.services[address]
+            get_load = LOAD_RPCS.get(service.role)
+            if get_load is not None:
+                service.load = await get_load(channel)(common_pb2.GetLoadRequest(), timeout=self.cfg.health_timeout_s)
         except grpc.aio.AioRpcError:
             return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return True
 
     async def run(self) -> None:
         addresses = list(self.registry.services)
@@ -53,8 +69,9 @@ class HealthChecker:
                     )
             if changed:
                 log.info("routes_changed", version=self.registry.version, mode=monitor_pb2.RouteMode.Name(self.registry.mode))
-                async with self.changed:
-                    self.changed.notify_all()
+            self.num_rounds += 1
+            async with self.changed:  # watchers get health changes and fresh loads
+                self.changed.notify_all()
             await asyncio.sleep(self.cfg.health_interval_s)
 
 
@@ -66,15 +83,10 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
         self, request: monitor_pb2.WatchRoutesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[monitor_pb2.RouteTable]:
         log.info("watcher_joined", watcher=request.watcher)
-        sent = 0
         while True:
-            registry = self.checker.registry
-            if registry.version != sent:
-                sent = registry.version
-                yield registry.table()
+            yield self.checker.registry.table()
             async with self.checker.changed:
-                if registry.version == sent:
-                    await self.checker.changed.wait()
+                await self.checker.changed.wait()
 
     async def GetStatus(
         self, request: monitor_pb2.GetStatusRequest, context: grpc.aio.ServicerContext

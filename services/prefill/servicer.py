@@ -19,6 +19,7 @@ from edgellm.config import TransferConfig
 from edgellm.engine.loop import EngineError, EngineLoop
 from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
+from edgellm.rpc.load import engine_load
 from edgellm.rpc.convert import FINISH_TO_WIRE, check_prompt, sampling_from_proto
 from edgellm.transfer.sender import KVStreamSender
 from edgellm.v1 import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -109,3 +110,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 )
         except EngineError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+    async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:
+        return engine_load(self.engine)

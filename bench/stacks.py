@@ -1,0 +1,59 @@
+"""The two deployments the benchmark compares, and starting one on free loopback ports.
+
+  disaggregated  all four services. Placement emulating two devices on a 2-core machine:
+                 prefill, gateway and monitor pinned to CPU 0, decode to CPU 1, one torch
+                 thread per engine.
+  colocated      the vLLM-style baseline: gateway, monitor and one engine process that
+                 runs both phases (--colocated true), two torch threads, no pinning (one
+                 device with both cores).
+
+Every other option keeps its default; the config is built from these flags alone
+(`env={}`), so the caller's EDGELLM_* variables do not change what is measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+from typing import Any, Iterator
+
+from edgellm import config as cfg
+from edgellm.launch import Stack, free_port_argv
+
+STACK_FLAGS: dict[str, tuple[str, ...]] = {
+    "disaggregated": (
+        "--prefill-cpus", "0", "--gateway-cpus", "0", "--monitor-cpus", "0", "--decode-cpus", "1",
+        "--prefill-threads", "1", "--decode-threads", "1",
+    ),
+    "colocated": ("--colocated", "true", "--prefill-threads", "2"),
+}
+
+
+def stack_config(name: str) -> cfg.Config:
+    return cfg.parse([*free_port_argv(), *STACK_FLAGS[name]], env={})
+
+
+def describe(config: cfg.Config, services: tuple[str, ...]) -> dict[str, Any]:
+    """What the run's metadata records about one stack."""
+    return {
+        "services": list(services),
+        "colocated": config.network.colocated,
+        "placement": dataclasses.asdict(config.placement),
+        "engine": dataclasses.asdict(config.engine),
+        "dtype": config.model.dtype,
+    }
+
+
+@contextlib.contextmanager
+def running_stack(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield the gateway address and description of a started stack; stop it on the way out.
+    Raises RuntimeError or TimeoutError (with the service's last log lines) if it does not start."""
+    config = stack_config(name)
+    with tempfile.TemporaryDirectory(prefix=f"edgellm-bench-{name}-") as log_dir:
+        stack = Stack(config, log_dir=log_dir)
+        stack.start_and_wait()  # stops what it started on failure
+        try:
+            yield stack.address("gateway"), {"flags": list(STACK_FLAGS[name]), **describe(config, stack.services)}
+        finally:
+            stack.stop()
