@@ -1,17 +1,20 @@
-"""`python -m bench.run` (`make bench`): closed-loop latency and throughput of the whole stack.
+"""`python -m bench.run` (`make bench`): disaggregated vs colocated serving, same machine, same run.
 
-Starts the four services on free loopback ports with the default model and config
-(EDGELLM_* variables still apply, as everywhere), or uses a running stack given with
---gateway. After one unmeasured warm-up request it runs, for each concurrency level c,
---num-requests fixed chat requests (bench/workload.py) with c in flight, and measures:
+Starts each stack of --stacks in turn (bench/stacks.py: placement and flags) on free
+loopback ports, or uses one running stack given with --gateway (reported as "external").
+After two unmeasured warm-up requests (one short, one long prompt) it runs the scenarios
+of --scenarios against it, with the seeded workload of bench/workload.py:
 
-  output tok/s   completion tokens of the level / the level's wall time
-  TTFT           client side: request sent -> first delta carrying tokens
-  TPOT           client side: (last token time - first token time) / (tokens - 1)
-  server means   ttft_ms / tpot_ms as reported by the gateway on each last delta
+  closed   closed loop at each --concurrency level, --closed-requests requests per level
+  poisson  open loop, Poisson arrivals at each of --rates (requests/s), --poisson-requests each
+  mix      prefill-heavy: --mix-streams short streams (max_tokens 64) decode while --mix-long
+           long prompts (~1,460 tokens, max_tokens 4) arrive every --mix-interval-s; reported
+           as two rows, "short" (the streams: their TPOT shows decode stalls) and "long"
 
-Writes the results and the run's metadata as JSON (--out), prints a markdown table, and
-exits 1 if any request failed.
+Each row reports requests, errors, output tok/s, client-side TTFT and TPOT p50/p99 and
+goodput under --slo-ttft-ms and --slo-tpot-ms (bench/report.py). Writes metadata and rows
+as JSON (--out), prints one markdown table per scenario and summary lines, and exits 1 if
+a stack did not start or any request failed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import datetime
 import json
 import os
@@ -28,105 +30,85 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
-from typing import Any, Iterator
+import time
+from typing import Any, Callable
 
-import numpy as np
-
-from bench.workload import PROMPTS, REQUEST_TIMEOUT_S, LevelResult, run_level, run_request, sample_prompts
-from edgellm import config as cfg
+from bench.load import Batch, closed_loop, open_loop, prefill_heavy_mix, run_request
+from bench.report import Slo, summarize, summary_lines, tables
+from bench.stacks import STACK_FLAGS, running_stack
+from bench.workload import LONG_MAX_TOKENS, LONG_REPEATS, MIX_SHORT_MAX_TOKENS, SHORT_MAX_TOKENS
+from bench.workload import arrival_times, long_request, sample_requests
 from edgellm.client import AsyncClient
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-TABLE_COLUMNS = (
-    ("concurrency", "concurrency"),
-    ("requests", "num_requests"),
-    ("output tok/s", "output_tokens_per_s"),
-    ("TTFT p50 ms", "ttft_ms_p50"),
-    ("TTFT p99 ms", "ttft_ms_p99"),
-    ("TPOT p50 ms", "tpot_ms_p50"),
-    ("TPOT p99 ms", "tpot_ms_p99"),
-    ("errors", "num_errors"),
-)
+SCENARIOS = ("closed", "poisson", "mix")
+REQUEST_TIMEOUT_S = 300.0  # a hung request fails instead of stalling the whole run
+EXTERNAL = "external"
 
 
-def levels(text: str) -> list[int]:
-    return [int(c) for c in text.split(",") if c.strip()]
+def comma_list(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    return lambda text: [item(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--gateway", help="HOST:PORT of a running stack; default: start one on free ports")
-    parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "bench" / "results" / "bench.json")
-    parser.add_argument("--concurrency", type=levels, default="1,4", help="comma-separated concurrency levels")
-    parser.add_argument("--num-requests", type=int, default=8, help="requests per concurrency level")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt draw")
-    args = parser.parse_args(argv)
-    if not args.concurrency or min(args.concurrency) < 1 or args.num_requests < 1 or args.max_tokens < 1:
-        parser.error("--concurrency levels, --num-requests and --max-tokens must be >= 1")
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--stacks", type=comma_list(str), default=list(STACK_FLAGS), help="comma-separated, of: " + ",".join(STACK_FLAGS))
+    p.add_argument("--gateway", help="HOST:PORT of a running stack to measure instead of starting --stacks")
+    p.add_argument("--scenarios", type=comma_list(str), default=list(SCENARIOS), help="comma-separated, of: " + ",".join(SCENARIOS))
+    p.add_argument("--concurrency", type=comma_list(int), default=[1, 8, 32], help="closed-loop levels")
+    p.add_argument("--closed-requests", type=comma_list(int), default=[16, 32, 64], help="requests per closed-loop level")
+    p.add_argument("--rates", type=comma_list(float), default=[1.0, 2.0, 4.0], help="Poisson arrival rates, requests/s")
+    p.add_argument("--poisson-requests", type=int, default=16, help="requests per Poisson rate")
+    p.add_argument("--mix-streams", type=int, default=8, help="short closed-loop streams in the mix")
+    p.add_argument("--mix-long", type=int, default=8, help="long prompts in the mix")
+    p.add_argument("--mix-interval-s", type=float, default=1.0, help="seconds between long prompts in the mix")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=250.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the request draw and the arrival times")
+    p.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "bench" / "results" / "bench.json")
+    args = p.parse_args(argv)
+    unknown = (set(args.stacks) - set(STACK_FLAGS)) | (set(args.scenarios) - set(SCENARIOS))
+    if unknown:
+        p.error(f"unknown stack or scenario: {sorted(unknown)}")
+    if len(args.concurrency) != len(args.closed_requests):
+        p.error("--concurrency and --closed-requests need one value per level")
+    counts = [*args.concurrency, *args.closed_requests, args.poisson_requests, args.mix_streams, args.mix_long]
+    if min(counts) < 1 or min(args.rates, default=1) <= 0 or args.mix_interval_s <= 0:
+        p.error("levels, request counts, rates and --mix-interval-s must be > 0")
+    if args.gateway:
+        args.stacks = [EXTERNAL]
     return args
 
 
-@contextlib.contextmanager
-def local_stack() -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield the gateway address and model facts of a fresh stack; stop it on the way out."""
-    from edgellm.engine.weights import resolve_model_dir
-    from edgellm.launch import Stack, free_port_argv
+async def run_scenarios(target: str, stack: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
+    rows: list[dict[str, Any]] = []
 
-    config = cfg.parse(free_port_argv())
-    model_dir = resolve_model_dir(config.model.model)  # convert the default model once, before three services need it
-    with tempfile.TemporaryDirectory(prefix="edgellm-bench-") as log_dir:
-        stack = Stack(config, log_dir=log_dir)
-        stack.start_and_wait()
-        try:
-            yield stack.address("gateway"), {
-                "model": model_dir.name,
-                "dtype": config.model.dtype,
-                "placement": dataclasses.asdict(config.placement),
-            }
-        finally:
-            stack.stop()
+    def add(scenario: str, level: str, params: dict[str, Any], batch: Batch) -> None:
+        row = {"stack": stack, "scenario": scenario, "level": level, "params": params, **summarize(batch, slo)}
+        rows.append(row)
+        print(f"[{stack}] {scenario} {level}: {row['num_requests']} requests, {row['num_errors']} errors, "
+              f"{batch.wall_s:.1f} s", file=sys.stderr, flush=True)
 
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between the closest ranks (numpy's default); None without values."""
-    return float(np.percentile(values, q)) if values else None
-
-
-def mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def summarize(level: LevelResult) -> dict[str, Any]:
-    done = [r for r in level.requests if not r.error]
-    ttfts = [r.ttft_ms for r in done if r.ttft_ms is not None]
-    tpots = [r.tpot_ms for r in done if r.tpot_ms is not None]
-    num_output_tokens = sum(r.completion_tokens for r in done)
-    return {
-        "concurrency": level.concurrency,
-        "num_requests": len(level.requests),
-        "num_errors": len(level.requests) - len(done),
-        "wall_s": level.wall_s,
-        "num_output_tokens": num_output_tokens,
-        "output_tokens_per_s": num_output_tokens / level.wall_s,
-        "ttft_ms_p50": percentile(ttfts, 50),
-        "ttft_ms_p99": percentile(ttfts, 99),
-        "tpot_ms_p50": percentile(tpots, 50),
-        "tpot_ms_p99": percentile(tpots, 99),
-        "server_ttft_ms_mean": mean([r.server_ttft_ms for r in done if r.server_ttft_ms is not None]),
-        "server_tpot_ms_mean": mean([r.server_tpot_ms for r in done if r.server_tpot_ms is not None]),
-        "errors": sorted({r.error for r in level.requests if r.error}),
-    }
-
-
-async def run_benchmark(target: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    prompts = sample_prompts(args.seed, args.num_requests)
     async with AsyncClient(target, timeout_s=REQUEST_TIMEOUT_S) as client:
-        warmup = await run_request(client, PROMPTS[0], args.max_tokens)
-        if warmup.error:
-            raise RuntimeError(f"warm-up request failed: {warmup.error}")
-        return [summarize(await run_level(client, prompts, c, args.max_tokens)) for c in args.concurrency]
+        for warmup in (sample_requests(args.seed, 1)[0], long_request(-1)):
+            if error := (await run_request(client, warmup)).error:
+                raise RuntimeError(f"warm-up request failed: {error}")
+        if "closed" in args.scenarios:
+            for c, n in zip(args.concurrency, args.closed_requests):
+                add("closed", f"c={c}", {"concurrency": c}, await closed_loop(client, sample_requests(args.seed, n), c))
+        if "poisson" in args.scenarios:
+            requests = sample_requests(args.seed, args.poisson_requests)
+            for rate in args.rates:
+                batch = await open_loop(client, requests, arrival_times(args.seed, len(requests), rate))
+                add("poisson", f"{rate:g}/s", {"rate_per_s": rate}, batch)
+        if "mix" in args.scenarios:
+            short = sample_requests(args.seed, 8 * args.mix_streams, MIX_SHORT_MAX_TOKENS)  # the streams cycle through it
+            streams, longs = await prefill_heavy_mix(client, short, args.mix_streams, args.mix_long, args.mix_interval_s)
+            params = {"num_streams": args.mix_streams, "num_long": args.mix_long, "long_interval_s": args.mix_interval_s}
+            add("mix", "short", params, streams)
+            add("mix", "long", params, longs)
+    return rows
 
 
 def git_commit() -> str | None:
@@ -137,16 +119,27 @@ def git_commit() -> str | None:
     return out.stdout.strip()
 
 
-def run_meta(args: argparse.Namespace, model: dict[str, Any]) -> dict[str, Any]:
+def run_meta(args: argparse.Namespace, model: str, stacks: dict[str, Any], failures: dict[str, str]) -> dict[str, Any]:
     return {
-        **model,
-        "gateway": args.gateway or "local stack",
+        "model": model,
+        "stacks": stacks,
+        "stack_errors": failures,
+        "scenarios": args.scenarios,
+        "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
         "workload": {
-            "num_prompts": len(PROMPTS),
-            "num_requests": args.num_requests,
-            "max_tokens": args.max_tokens,
-            "temperature": 0.0,
             "seed": args.seed,
+            "temperature": 0.0,
+            "short_max_tokens": list(SHORT_MAX_TOKENS),
+            "closed": {"concurrency": args.concurrency, "num_requests": args.closed_requests},
+            "poisson": {"rates_per_s": args.rates, "num_requests": args.poisson_requests},
+            "mix": {
+                "num_streams": args.mix_streams,
+                "short_max_tokens": MIX_SHORT_MAX_TOKENS,
+                "num_long": args.mix_long,
+                "long_interval_s": args.mix_interval_s,
+                "long_prose_repeats": LONG_REPEATS,
+                "long_max_tokens": LONG_MAX_TOKENS,
+            },
         },
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -157,36 +150,42 @@ def run_meta(args: argparse.Namespace, model: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def markdown_table(results: list[dict[str, Any]]) -> str:
-    def cell(value: Any) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.1f}" if isinstance(value, float) else str(value)
+def model_name(args: argparse.Namespace) -> str:
+    """The default model's name; converting it here, once, spares the services a race to do it."""
+    if args.gateway:
+        return "(external)"
+    from edgellm.engine.weights import resolve_model_dir  # imports torch, which only this needs
 
-    lines = ["| " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(cell(row[key]) for _, key in TABLE_COLUMNS) + " |" for row in results]
-    return "\n".join(lines)
+    return resolve_model_dir("").name
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    gateway: contextlib.AbstractContextManager[tuple[str, dict[str, Any]]]
-    if args.gateway:
-        gateway = contextlib.nullcontext((args.gateway, {"model": None, "dtype": None, "placement": None}))
-    else:
-        print("starting a local stack ...", file=sys.stderr, flush=True)
-        gateway = local_stack()
-    try:
-        with gateway as (target, model):
-            results = asyncio.run(run_benchmark(target, args))
-    except (RuntimeError, TimeoutError) as e:  # a service failed to start, or the warm-up failed
-        print(f"bench: {e}", file=sys.stderr)
-        return 1
+    model = model_name(args)
+    results: list[dict[str, Any]] = []
+    described: dict[str, Any] = {}
+    failures: dict[str, str] = {}
+    start = time.monotonic()
+    for stack in args.stacks:
+        print(f"[{stack}] starting ...", file=sys.stderr, flush=True)
+        target: contextlib.AbstractContextManager[tuple[str, dict[str, Any]]]
+        target = contextlib.nullcontext((args.gateway, {"gateway": args.gateway})) if args.gateway else running_stack(stack)
+        try:
+            with target as (address, description):
+                described[stack] = description
+                results += asyncio.run(run_scenarios(address, stack, args))
+        except (RuntimeError, TimeoutError) as e:  # a service failed to start, or a warm-up request failed
+            failures[stack] = str(e)
+            print(f"[{stack}] failed: {e}", file=sys.stderr, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": run_meta(args, model), "results": results}, indent=2) + "\n")
-    print(markdown_table(results))
-    print(f"\nwrote {args.out}", file=sys.stderr)
-    return 1 if any(r["num_errors"] for r in results) else 0
+    args.out.write_text(json.dumps({"meta": run_meta(args, model, described, failures), "results": results}, indent=2) + "\n")
+    print(tables(results, args.scenarios))
+    print()
+    print("\n".join(summary_lines(results, args.stacks, min(args.concurrency), max(args.concurrency))))
+    num_errors = sum(r["num_errors"] for r in results)
+    print(f"\nwrote {args.out} after {time.monotonic() - start:.0f} s; {num_errors} failed requests, "
+          f"{len(failures)} failed stacks", file=sys.stderr)
+    return 1 if failures or num_errors else 0
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ class Pools:
 
     async def enter_prefill(self, timeout_s: float | None) -> None:
         """Wait for a prefill slot; raises AdmissionError when the queue is full or the deadline passes."""
-        if self.num_prefill_waiting >= self.max_queued:
+        if self._slots.locked() and self.num_prefill_waiting >= self.max_queued:
             raise AdmissionError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"prefill queue is full: {self.num_prefill_waiting} requests waiting "
