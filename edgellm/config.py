@@ -73,6 +73,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("monitor_port", int, 50054, "monitor gRPC port"),
     Option("prefill_addrs", _addresses, (), "comma-separated prefill services; empty = 127.0.0.1:<prefill-port>"),
     Option("decode_addrs", _addresses, (), "comma-separated decode services; empty = 127.0.0.1:<decode-port>"),
+    Option("gateway_metrics_port", int, 9101, "gateway Prometheus metrics port (HTTP); 0 = off"),
+    Option("prefill_metrics_port", int, 9102, "prefill Prometheus metrics port (HTTP); 0 = off"),
+    Option("decode_metrics_port", int, 9103, "decode Prometheus metrics port (HTTP); 0 = off"),
+    Option("monitor_metrics_port", int, 9104, "monitor Prometheus metrics port (HTTP); 0 = off"),
     Option("monitor_addr", str, "", "monitor service; empty = 127.0.0.1:<monitor-port>"),
     Option("colocated", _bool, False, "baseline: no decode service, the prefill service runs both phases"),
     # KV transfer
@@ -163,13 +167,18 @@ class NetworkConfig:
     prefill_port: int
     decode_port: int
     monitor_port: int
+    gateway_metrics_port: int
+    prefill_metrics_port: int
+    decode_metrics_port: int
+    monitor_metrics_port: int
     prefill_addrs: tuple[str, ...]
     decode_addrs: tuple[str, ...]
     monitor_addr: str
     colocated: bool
 
     def __post_init__(self) -> None:
-        for name in ("gateway_port", "prefill_port", "decode_port", "monitor_port"):
+        for name in ("gateway_port", "prefill_port", "decode_port", "monitor_port", "gateway_metrics_port",
+                     "prefill_metrics_port", "decode_metrics_port", "monitor_metrics_port"):
             port = getattr(self, name)
             if not 0 <= port < 65536:
                 raise ValueError(f"{name} must be a TCP port, got {port}")

@@ -41,8 +41,9 @@ def free_port() -> int:
 
 
 def free_port_argv() -> list[str]:
-    """--<service>-port flags with a free port for each of the four services."""
-    return [arg for name in SERVICES for arg in (f"--{name}-port", str(free_port()))]
+    """--<service>-port and --<service>-metrics-port flags with free ports for the four services."""
+    flags = [f"--{name}{kind}-port" for name in SERVICES for kind in ("", "-metrics")]
+    return [arg for flag in flags for arg in (flag, str(free_port()))]
 
 
 def service_port(name: str, config: Config) -> int:

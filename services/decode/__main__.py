@@ -7,7 +7,7 @@ import sys
 import uvloop
 
 from edgellm import config as cfg
-from edgellm import logs
+from edgellm import logs, metrics
 from edgellm.launch import pin_process
 from edgellm.engine.setup import build_engine
 from edgellm.rpc.server import serve
@@ -23,6 +23,10 @@ async def run(config: cfg.Config) -> None:
     store = KVStore(
         arch.num_layers, arch.num_kv_heads, arch.head_dim, engine.cache.k[0].dtype, ttl_s=2 * config.transfer.kv_wait_timeout_s
     )
+
+    metrics.engine_gauges(engine)
+    metrics.gauge("edgellm_kv_staged_requests", "Requests whose KV arrived and awaits Decode", lambda: len(store))
+    metrics.serve_metrics(config.network.decode_metrics_port, config.network.host)
 
     def register(server):
         decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, store, config.transfer), server)

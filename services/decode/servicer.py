@@ -17,6 +17,7 @@ from typing import AsyncIterator
 import grpc
 import structlog
 
+from edgellm import metrics
 from edgellm.config import TransferConfig
 from edgellm.engine.loop import EngineError, EngineLoop
 from edgellm.logs import bind_request
@@ -41,8 +42,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         try:
             received = await self.store.receive(request_iterator)
         except ChunkError as e:
+            metrics.KV_REJECTED.inc()
             log.warning("kv_rejected", reason=str(e))
             await context.abort(grpc.StatusCode.DATA_LOSS, f"KV stream rejected: {e}")
+        metrics.KV_BYTES_RECEIVED.inc(received.num_bytes)
         log.info("kv_received", request_id=received.request_id, num_chunks=received.num_chunks, num_bytes=received.num_bytes)
         return decode_pb2.KVAck(
             request_id=received.request_id,

@@ -8,7 +8,7 @@ import sys
 import uvloop
 
 from edgellm import config as cfg
-from edgellm import logs
+from edgellm import logs, metrics
 from edgellm.launch import pin_process
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.server import serve
@@ -33,6 +33,11 @@ async def run(config: cfg.Config) -> None:
 
     def register(server):
         pools = Pools(config.gateway.max_queued_requests, config.gateway.max_inflight_prefills)
+        metrics.gauge("edgellm_prefill_pool_waiting", "Requests waiting in the gateway's prefill pool",
+                      lambda: pools.num_prefill_waiting)
+        metrics.gauge("edgellm_prefill_pool_inflight", "Requests at prefill services", lambda: pools.num_prefilling)
+        metrics.gauge("edgellm_decode_pool_streams", "Requests streaming from decode pools", lambda: pools.num_decoding)
+        metrics.serve_metrics(net.gateway_metrics_port, net.host)
         servicer = GatewayServicer(tokenizer, max_context, router, pools, channels, config.gateway)
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
         return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]

@@ -16,6 +16,7 @@ the client sees one uninterrupted stream.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
@@ -25,6 +26,7 @@ from typing import Any, AsyncIterator
 import grpc
 import structlog
 
+from edgellm import metrics
 from edgellm.config import GatewayConfig
 from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
@@ -94,6 +96,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     # ---- Generate --------------------------------------------------------------------------
     async def Generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        try:
+            async for response in self._generate(request, context):
+                yield response
+        except asyncio.CancelledError:
+            metrics.ERRORS.labels("CANCELLED").inc()
+            raise
+        except Exception:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            metrics.ERRORS.labels(getattr(code, "name", str(code))).inc()
+            raise
+
+    async def _generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         received = time.monotonic()
@@ -166,6 +182,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         ttft = (first_token_at - received) * 1000 if first_token_at else 0.0
         tpot = (done - first_token_at) * 1000 / (num_generated - 1) if num_generated > 1 else 0.0
         log.info("request_finished", finish_reason=finish, completion_tokens=num_generated, ttft_ms=round(ttft, 1))
+        metrics.REQUESTS.labels(finish).inc()
+        metrics.PROMPT_TOKENS.inc(len(prompt_ids))
+        metrics.GENERATED_TOKENS.inc(num_generated)
+        metrics.TTFT.observe(ttft / 1000)
+        if num_generated > 1:
+            metrics.TPOT.observe(tpot / 1000)
         yield gateway_pb2.GenerateResponse(
             request_id=request_id,
             finish_reason=finish,
@@ -187,6 +209,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 except grpc.aio.AioRpcError as e:
                     if e.code() not in RESUMABLE:
                         raise
+                    metrics.RESUMED.inc()
                     log.warning("decode_path_failed", decode=route.decode, code=e.code().name, details=e.details(),
                                 num_sent=len(req.generated))
             async for item in self._local(req, prefill):

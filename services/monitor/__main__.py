@@ -8,7 +8,7 @@ import sys
 import uvloop
 
 from edgellm import config as cfg
-from edgellm import logs
+from edgellm import logs, metrics
 from edgellm.launch import pin_process
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.server import serve
@@ -25,6 +25,10 @@ async def run(config: cfg.Config) -> None:
     channels = ChannelPool()
     checker = HealthChecker(registry, channels, config.monitor)
     check_task: asyncio.Task | None = None
+    metrics.gauge("edgellm_route_mode", "Routing mode (1 normal, 2 degraded, 3 colocated)", lambda: registry.mode)
+    metrics.gauge("edgellm_healthy_services", "Services the monitor sees healthy",
+                  lambda: sum(s.healthy for s in registry.services.values()))
+    metrics.serve_metrics(net.monitor_metrics_port, net.host)
 
     def register(server):
         monitor_pb2_grpc.add_MonitorServicer_to_server(MonitorServicer(checker), server)

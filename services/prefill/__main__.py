@@ -7,7 +7,7 @@ import sys
 import uvloop
 
 from edgellm import config as cfg
-from edgellm import logs
+from edgellm import logs, metrics
 from edgellm.launch import pin_process
 from edgellm.engine.setup import build_engine
 from edgellm.rpc.channels import ChannelPool
@@ -19,6 +19,8 @@ from services.prefill.servicer import PrefillServicer
 async def run(config: cfg.Config) -> None:
     engine, loaded = build_engine(config.model, config.engine, config.placement.threads("prefill"))
     channels = ChannelPool()
+    metrics.engine_gauges(engine)
+    metrics.serve_metrics(config.network.prefill_metrics_port, config.network.host)
 
     def register(server):
         prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(engine, channels, config.transfer), server)

@@ -15,6 +15,7 @@ from typing import AsyncIterator
 import grpc
 import structlog
 
+from edgellm import metrics
 from edgellm.config import TransferConfig
 from edgellm.engine.loop import EngineError, EngineLoop
 from edgellm.logs import bind_request
@@ -67,6 +68,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except BaseException:  # cancelled by the gateway, or the engine failed: close the KV stream too
             sender.abort()
             raise
+        metrics.KV_BYTES_SENT.inc(ack.num_bytes)
+        metrics.KV_TRANSFER.observe((ack.last_chunk_received_unix_ns - result.forward_start_unix_ns) / 1e9)
         log.info(
             "prefilled",
             num_prompt_tokens=result.num_prompt_tokens,

@@ -75,3 +75,35 @@ def test_deadline_ends_the_request_and_frees_its_blocks(tiny_stack):
             client.generate_text(prompt=LONG_PROMPT, max_tokens=1900)
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_blocks_free(tiny_stack, total) == total
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of all samples of a metric (every label set)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and not line.startswith("#"))
+
+
+def test_every_service_serves_prometheus_metrics(tiny_stack):
+    net = tiny_stack.config.network
+    before = scrape(net.gateway_metrics_port)
+    with Client(tiny_stack.address("gateway"), timeout_s=60) as client:
+        result = client.generate_text(prompt="Metrics please", max_tokens=6)
+        with pytest.raises(GenerationError):
+            client.generate_text(prompt="x", temperature=-1)
+    gateway = scrape(net.gateway_metrics_port)
+    assert metric(gateway, "edgellm_generated_tokens_total") - metric(before, "edgellm_generated_tokens_total") == result.completion_tokens
+    assert metric(gateway, "edgellm_ttft_seconds_count") > metric(before, "edgellm_ttft_seconds_count")
+    assert 'edgellm_errors_total{code="INVALID_ARGUMENT"}' in gateway
+    for name in ("edgellm_prefill_pool_waiting", "edgellm_prefill_pool_inflight", "edgellm_decode_pool_streams"):
+        assert name in gateway
+    prefill, decode = scrape(net.prefill_metrics_port), scrape(net.decode_metrics_port)
+    assert metric(prefill, "edgellm_kv_bytes_sent_total") > 0 and metric(prefill, "edgellm_kv_transfer_seconds_count") > 0
+    assert metric(decode, "edgellm_kv_bytes_received_total") == metric(prefill, "edgellm_kv_bytes_sent_total")
+    assert metric(decode, "edgellm_kv_blocks_free") > 0 and "edgellm_engine_running" in decode
+    assert metric(scrape(net.monitor_metrics_port), "edgellm_healthy_services") == 2

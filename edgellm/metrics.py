@@ -1,0 +1,55 @@
+"""Prometheus metrics, served over HTTP by every service (`--<service>-metrics-port`).
+
+Counters and histograms are updated where the event happens; gauges that mirror state
+(queue depths, running batch, KV blocks) are read from that state when scraped, so they
+cost nothing on the hot path and can never drift.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import structlog
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = structlog.get_logger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+# gateway
+REQUESTS = Counter("edgellm_requests_total", "Finished requests", ["finish_reason"])
+ERRORS = Counter("edgellm_errors_total", "Requests ended with an error status", ["code"])
+PROMPT_TOKENS = Counter("edgellm_prompt_tokens_total", "Prompt tokens of accepted requests")
+GENERATED_TOKENS = Counter("edgellm_generated_tokens_total", "Tokens streamed to clients")
+TTFT = Histogram("edgellm_ttft_seconds", "Time to first token at the gateway", buckets=_LATENCY_BUCKETS)
+TPOT = Histogram("edgellm_tpot_seconds", "Mean time per output token after the first", buckets=_LATENCY_BUCKETS)
+RESUMED = Counter("edgellm_resumed_requests_total", "Requests finished on prefill after their decode path failed")
+# KV transfer
+KV_BYTES_SENT = Counter("edgellm_kv_bytes_sent_total", "KV bytes streamed by prefill")
+KV_BYTES_RECEIVED = Counter("edgellm_kv_bytes_received_total", "KV bytes accepted by decode")
+KV_TRANSFER = Histogram(
+    "edgellm_kv_transfer_seconds", "Prefill forward start to decode's ack of the complete KV", buckets=_LATENCY_BUCKETS
+)
+KV_REJECTED = Counter("edgellm_kv_rejected_total", "KV streams rejected as incomplete or damaged")
+
+
+def gauge(name: str, documentation: str, read: Callable[[], float], labels: dict[str, str] | None = None) -> None:
+    """A gauge whose value is read from live state at scrape time."""
+    g = Gauge(name, documentation, list(labels or {}))
+    (g.labels(**labels) if labels else g).set_function(read)
+
+
+def serve_metrics(port: int, host: str) -> None:
+    if port:
+        start_http_server(port, addr=host)
+        log.info("metrics_listening", port=port)
+
+
+def engine_gauges(engine) -> None:
+    """Running batch, queue and KV block gauges of an EngineLoop."""
+    gauge("edgellm_engine_running", "Sequences in the decode batch", lambda: engine.num_running)
+    gauge("edgellm_engine_waiting", "Sequences queued in the engine", lambda: engine.num_waiting)
+    gauge("edgellm_kv_blocks_free", "Free KV blocks", lambda: engine.blocks.num_free_blocks)
+    gauge("edgellm_kv_blocks_used", "KV blocks in use", lambda: engine.blocks.num_blocks - engine.blocks.num_free_blocks)
+    gauge("edgellm_engine_steps", "Engine steps run", lambda: engine.num_steps)
+    gauge("edgellm_engine_preemptions", "Sequences preempted for lack of KV blocks", lambda: engine.num_preemptions)
