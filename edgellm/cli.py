@@ -127,7 +127,11 @@ def _status(argv: list[str]) -> int:
     print(f"  {'monitor':<8} {args.monitor:<22} healthy")
     for s in table.services:
         role = common_pb2.ServiceRole.Name(s.role).removeprefix("SERVICE_ROLE_").lower()
-        print(f"  {role:<8} {s.address:<22} {'healthy' if s.healthy else 'DOWN'}")
+        load = ""
+        if s.HasField("load"):
+            l = s.load
+            load = f"  running={l.num_running} waiting={l.num_waiting} free_kv_blocks={l.num_free_kv_blocks}/{l.num_kv_blocks}"
+        print(f"  {role:<8} {s.address:<22} {'healthy' if s.healthy else 'DOWN':<8}{load}")
     gateway = os.environ.get("EDGELLM_GATEWAY", "127.0.0.1:50051")
     print(f"  {'gateway':<8} {gateway:<22} {'healthy' if is_serving(gateway) else 'DOWN'}")
     return 0
