@@ -6,9 +6,9 @@
   open_loop          each request is sent at its arrival time (Poisson), whether or not
                      earlier ones have finished.
   prefill_heavy_mix  `num_streams` closed-loop short streams decode while long prompts
-                     arrive every `long_interval_s`; the streams start `long_interval_s`
-                     before the first long prompt and stop sending once every long
-                     request has finished.
+                     arrive every `long_interval_s`; the streams start MIX_LEAD_IN_S before
+                     the first long prompt and stop sending once every long request has
+                     finished.
 
 Client-side timings use `time.perf_counter()`: TTFT from the call to the first delta that
 carries tokens, TPOT between the first and the last such delta over (tokens - 1). A
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from bench.workload import BenchRequest, long_request
 from edgellm.client import AsyncClient, Delta, GenerationError
+
+MIX_LEAD_IN_S = 2.0  # the mix's short streams decode alone this long before the first long prompt
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ async def prefill_heavy_mix(
             i += num_streams
 
     async def long_prompts() -> list[RequestResult]:
-        await asyncio.sleep(long_interval_s)  # let the streams reach steady decoding first
+        await asyncio.sleep(MIX_LEAD_IN_S)
         arrivals = [i * long_interval_s for i in range(num_long)]
         batch = await open_loop(client, [long_request(i) for i in range(num_long)], arrivals)
         long_done.set()

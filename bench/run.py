@@ -9,7 +9,10 @@ of --scenarios against it, with the seeded workload of bench/workload.py:
   poisson  open loop, Poisson arrivals at each of --rates (requests/s), --poisson-requests each
   mix      prefill-heavy: --mix-streams short streams (max_tokens 64) decode while --mix-long
            long prompts (~1,460 tokens, max_tokens 4) arrive every --mix-interval-s; reported
-           as two rows, "short" (the streams: their TPOT shows decode stalls) and "long"
+           as two rows, "short" (the streams: their TPOT shows decode stalls) and "long".
+           The default interval, 10 s, keeps the one-core prefill service of the
+           disaggregated stack below capacity (such a prefill takes about 9 s there); at
+           1 s its queue grows without bound and the mix measures queueing instead.
 
 Each row reports requests, errors, output tok/s, client-side TTFT and TPOT p50/p99 and
 goodput under --slo-ttft-ms and --slo-tpot-ms (bench/report.py). Writes metadata and rows
@@ -33,7 +36,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from bench.load import Batch, closed_loop, open_loop, prefill_heavy_mix, run_request
+from bench.load import MIX_LEAD_IN_S, Batch, closed_loop, open_loop, prefill_heavy_mix, run_request
 from bench.report import Slo, summarize, summary_lines, tables
 from bench.stacks import STACK_FLAGS, running_stack
 from bench.workload import LONG_MAX_TOKENS, LONG_REPEATS, MIX_SHORT_MAX_TOKENS, SHORT_MAX_TOKENS
@@ -52,16 +55,16 @@ def comma_list(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    p.add_argument("--stacks", type=comma_list(str), default=list(STACK_FLAGS), help="comma-separated, of: " + ",".join(STACK_FLAGS))
+    p.add_argument("--stacks", type=comma_list(str), default=list(STACK_FLAGS), help=", ".join(STACK_FLAGS))
     p.add_argument("--gateway", help="HOST:PORT of a running stack to measure instead of starting --stacks")
-    p.add_argument("--scenarios", type=comma_list(str), default=list(SCENARIOS), help="comma-separated, of: " + ",".join(SCENARIOS))
+    p.add_argument("--scenarios", type=comma_list(str), default=list(SCENARIOS), help=", ".join(SCENARIOS))
     p.add_argument("--concurrency", type=comma_list(int), default=[1, 8, 32], help="closed-loop levels")
-    p.add_argument("--closed-requests", type=comma_list(int), default=[16, 32, 64], help="requests per closed-loop level")
-    p.add_argument("--rates", type=comma_list(float), default=[1.0, 2.0, 4.0], help="Poisson arrival rates, requests/s")
+    p.add_argument("--closed-requests", type=comma_list(int), default=[16, 32, 64], help="requests per level")
+    p.add_argument("--rates", type=comma_list(float), default=[1.0, 2.0, 4.0], help="Poisson rates, requests/s")
     p.add_argument("--poisson-requests", type=int, default=16, help="requests per Poisson rate")
     p.add_argument("--mix-streams", type=int, default=8, help="short closed-loop streams in the mix")
-    p.add_argument("--mix-long", type=int, default=8, help="long prompts in the mix")
-    p.add_argument("--mix-interval-s", type=float, default=1.0, help="seconds between long prompts in the mix")
+    p.add_argument("--mix-long", type=int, default=3, help="long prompts in the mix")
+    p.add_argument("--mix-interval-s", type=float, default=10.0, help="seconds between long prompts in the mix")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=250.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the request draw and the arrival times")
@@ -96,16 +99,20 @@ async def run_scenarios(target: str, stack: str, args: argparse.Namespace) -> li
                 raise RuntimeError(f"warm-up request failed: {error}")
         if "closed" in args.scenarios:
             for c, n in zip(args.concurrency, args.closed_requests):
-                add("closed", f"c={c}", {"concurrency": c}, await closed_loop(client, sample_requests(args.seed, n), c))
+                batch = await closed_loop(client, sample_requests(args.seed, n), c)
+                add("closed", f"c={c}", {"concurrency": c}, batch)
         if "poisson" in args.scenarios:
             requests = sample_requests(args.seed, args.poisson_requests)
             for rate in args.rates:
                 batch = await open_loop(client, requests, arrival_times(args.seed, len(requests), rate))
                 add("poisson", f"{rate:g}/s", {"rate_per_s": rate}, batch)
         if "mix" in args.scenarios:
-            short = sample_requests(args.seed, 8 * args.mix_streams, MIX_SHORT_MAX_TOKENS)  # the streams cycle through it
-            streams, longs = await prefill_heavy_mix(client, short, args.mix_streams, args.mix_long, args.mix_interval_s)
-            params = {"num_streams": args.mix_streams, "num_long": args.mix_long, "long_interval_s": args.mix_interval_s}
+            short = sample_requests(args.seed, 8 * args.mix_streams, MIX_SHORT_MAX_TOKENS)  # the streams cycle it
+            streams, longs = await prefill_heavy_mix(
+                client, short, args.mix_streams, args.mix_long, args.mix_interval_s
+            )
+            params = {"num_streams": args.mix_streams, "num_long": args.mix_long,
+                      "long_interval_s": args.mix_interval_s}
             add("mix", "short", params, streams)
             add("mix", "long", params, longs)
     return rows
@@ -137,6 +144,7 @@ def run_meta(args: argparse.Namespace, model: str, stacks: dict[str, Any], failu
                 "short_max_tokens": MIX_SHORT_MAX_TOKENS,
                 "num_long": args.mix_long,
                 "long_interval_s": args.mix_interval_s,
+                "lead_in_s": MIX_LEAD_IN_S,
                 "long_prose_repeats": LONG_REPEATS,
                 "long_max_tokens": LONG_MAX_TOKENS,
             },
@@ -167,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     failures: dict[str, str] = {}
     start = time.monotonic()
     for stack in args.stacks:
-        print(f"[{stack}] starting ...", file=sys.stderr, flush=True)
         target: contextlib.AbstractContextManager[tuple[str, dict[str, Any]]]
-        target = contextlib.nullcontext((args.gateway, {"gateway": args.gateway})) if args.gateway else running_stack(stack)
+        if args.gateway:
+            target = contextlib.nullcontext((args.gateway, {"gateway": args.gateway}))
+        else:
+            print(f"[{stack}] starting ...", file=sys.stderr, flush=True)
+            target = running_stack(stack)
         try:
             with target as (address, description):
                 described[stack] = description
@@ -178,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             failures[stack] = str(e)
             print(f"[{stack}] failed: {e}", file=sys.stderr, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": run_meta(args, model, described, failures), "results": results}, indent=2) + "\n")
+    meta = run_meta(args, model, described, failures)
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(tables(results, args.scenarios))
     print()
     print("\n".join(summary_lines(results, args.stacks, min(args.concurrency), max(args.concurrency))))

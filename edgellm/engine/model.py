@@ -129,8 +129,9 @@ class Attention(nn.Module):
         # sequences (not tokens); the projections and MLP ran on the packed batch without padding.
         out = torch.empty_like(q)
         for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [heads, L, D]
-            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(0, 1)
+            # [1, heads, L, D]: with a batch dimension SDPA takes its fused CPU kernel (6x faster at 1.5k tokens)
+            qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
         return out
 
     def _decode_attention(self, q: torch.Tensor, cache: PagedKVCache, layer: int, batch: ForwardBatch) -> torch.Tensor:
