@@ -111,7 +111,8 @@ def test_service_runs_edgellm_serve_on_its_default_port(project, defaults, name)
     assert flag_value(local, f"--{name}-port") == flag_value(command, f"--{name}-port")
 
     published = [(p["target"], int(p["published"])) for p in service.get("ports", [])]
-    assert published == [(port, port)]
+    metrics_port = getattr(defaults.network, f"{name}_metrics_port")
+    assert published == [(port, port), (metrics_port, metrics_port)]  # gRPC, then Prometheus metrics
 
 
 @pytest.mark.parametrize("name", SERVICES)
