@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import AsyncIterator
+
 import grpc
 
+from edgellm.engine.loop import EngineError
 from edgellm.engine.sampling import SamplingParams
 from edgellm.v1 import common_pb2
 
@@ -35,3 +38,15 @@ async def check_prompt(context: grpc.aio.ServicerContext, token_ids, vocab_size:
         )
     if min(token_ids) < 0 or max(token_ids) >= vocab_size:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be in [0, {vocab_size})")
+
+
+async def token_deltas(
+    request_id: str, tokens: AsyncIterator[tuple[int, str | None]], context: grpc.aio.ServicerContext
+) -> AsyncIterator[common_pb2.TokenDelta]:
+    """An engine's (token, finish_reason) stream as TokenDelta messages; a request the engine
+    cannot hold (larger than its whole KV cache) ends with RESOURCE_EXHAUSTED."""
+    try:
+        async for token, finish in tokens:
+            yield common_pb2.TokenDelta(request_id=request_id, token_ids=[token], finish_reason=FINISH_TO_WIRE.get(finish, 0))
+    except EngineError as e:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))

@@ -1,4 +1,5 @@
 from edgellm.v1 import common_pb2 as _common_pb2
+from edgellm.v1 import decode_pb2 as _decode_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -35,21 +36,9 @@ class PrefillResponse(_message.Message):
     num_prompt_tokens: int
     forward_start_unix_ns: int
     forward_end_unix_ns: int
-    kv: KVAckSummary
+    kv: _decode_pb2.KVAck
     finish_reason: _common_pb2.FinishReason
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., forward_start_unix_ns: _Optional[int] = ..., forward_end_unix_ns: _Optional[int] = ..., kv: _Optional[_Union[KVAckSummary, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ...) -> None: ...
-
-class KVAckSummary(_message.Message):
-    __slots__ = ("num_chunks", "num_bytes", "first_chunk_received_unix_ns", "last_chunk_received_unix_ns")
-    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
-    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
-    FIRST_CHUNK_RECEIVED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
-    LAST_CHUNK_RECEIVED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
-    num_chunks: int
-    num_bytes: int
-    first_chunk_received_unix_ns: int
-    last_chunk_received_unix_ns: int
-    def __init__(self, num_chunks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., first_chunk_received_unix_ns: _Optional[int] = ..., last_chunk_received_unix_ns: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., forward_start_unix_ns: _Optional[int] = ..., forward_end_unix_ns: _Optional[int] = ..., kv: _Optional[_Union[_decode_pb2.KVAck, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ...) -> None: ...
 
 class GenerateLocalRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "max_new_tokens", "num_generated")

@@ -19,10 +19,10 @@ import structlog
 
 from edgellm import metrics
 from edgellm.config import TransferConfig
-from edgellm.engine.loop import EngineError, EngineLoop
+from edgellm.engine.loop import EngineLoop
 from edgellm.logs import bind_request
 from edgellm.rpc.load import engine_load
-from edgellm.rpc.convert import FINISH_TO_WIRE, sampling_from_proto
+from edgellm.rpc.convert import sampling_from_proto, token_deltas
 from edgellm.transfer.codec import ChunkError
 from edgellm.transfer.receiver import KVStore
 from edgellm.v1 import common_pb2, decode_pb2, decode_pb2_grpc
@@ -81,13 +81,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             num_generated=1,
             staged_kv=(received.k, received.v),
         )
-        try:
-            async for token, finish in tokens:
-                yield common_pb2.TokenDelta(
-                    request_id=request.request_id, token_ids=[token], finish_reason=FINISH_TO_WIRE.get(finish, 0)
-                )
-        except EngineError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        async for delta in token_deltas(request.request_id, tokens, context):
+            yield delta
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:
         return engine_load(self.engine)

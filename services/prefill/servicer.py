@@ -17,11 +17,11 @@ import structlog
 
 from edgellm import metrics
 from edgellm.config import TransferConfig
-from edgellm.engine.loop import EngineError, EngineLoop
+from edgellm.engine.loop import EngineLoop
 from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.load import engine_load
-from edgellm.rpc.convert import FINISH_TO_WIRE, check_prompt, sampling_from_proto
+from edgellm.rpc.convert import FINISH_TO_WIRE, check_prompt, sampling_from_proto, token_deltas
 from edgellm.transfer.sender import KVStreamSender
 from edgellm.v1 import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -84,12 +84,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             forward_start_unix_ns=result.forward_start_unix_ns,
             forward_end_unix_ns=result.forward_end_unix_ns,
             finish_reason=FINISH_TO_WIRE.get(result.finish_reason, 0),
-            kv=prefill_pb2.KVAckSummary(
-                num_chunks=ack.num_chunks,
-                num_bytes=ack.num_bytes,
-                first_chunk_received_unix_ns=ack.first_chunk_received_unix_ns,
-                last_chunk_received_unix_ns=ack.last_chunk_received_unix_ns,
-            ),
+            kv=ack,
         )
 
     async def GenerateLocal(
@@ -106,13 +101,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         tokens = self.engine.generate(
             request.request_id, list(request.prompt_token_ids), sampling, request.max_new_tokens, request.num_generated
         )
-        try:
-            async for token, finish in tokens:
-                yield common_pb2.TokenDelta(
-                    request_id=request.request_id, token_ids=[token], finish_reason=FINISH_TO_WIRE.get(finish, 0)
-                )
-        except EngineError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        async for delta in token_deltas(request.request_id, tokens, context):
+            yield delta
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:
         return engine_load(self.engine)
