@@ -130,7 +130,8 @@ def _status(argv: list[str]) -> int:
         load = ""
         if s.HasField("load"):
             l = s.load
-            load = f"  running={l.num_running} waiting={l.num_waiting} free_kv_blocks={l.num_free_kv_blocks}/{l.num_kv_blocks}"
+            load = (f"  {l.dtype}  running={l.num_running} waiting={l.num_waiting}"
+                    f" free_kv_blocks={l.num_free_kv_blocks}/{l.num_kv_blocks}")
         print(f"  {role:<8} {s.address:<22} {'healthy' if s.healthy else 'DOWN':<8}{load}")
     gateway = os.environ.get("EDGELLM_GATEWAY", "127.0.0.1:50051")
     print(f"  {'gateway':<8} {gateway:<22} {'healthy' if is_serving(gateway) else 'DOWN'}")

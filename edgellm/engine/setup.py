@@ -24,9 +24,11 @@ def engine_threads(requested: int) -> int:
     return requested or len(os.sched_getaffinity(0))
 
 
-def build_engine(model_cfg: ModelConfig, engine_cfg: EngineConfig, threads: int) -> tuple[EngineLoop, LoadedModel]:
+def build_engine(
+    model_cfg: ModelConfig, engine_cfg: EngineConfig, threads: int, service: str
+) -> tuple[EngineLoop, LoadedModel]:
     num_threads = engine_threads(threads)
-    loaded = load_model(model_cfg.model, model_cfg.dtype)
+    loaded = load_model(model_cfg.model, model_cfg.dtype_for(service))
     a = loaded.model.arch
     dtype = loaded.model.embed_tokens.weight.dtype
     block_bytes = PagedKVCache.bytes_per_block(a.num_layers, engine_cfg.kv_block_size, a.num_kv_heads, a.head_dim, dtype)

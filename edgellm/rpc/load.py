@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from edgellm.engine.loop import EngineLoop
+from edgellm.engine.weights import TORCH_DTYPES
 from edgellm.v1 import common_pb2
+
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 def engine_load(engine: EngineLoop) -> common_pb2.Load:
@@ -14,4 +17,5 @@ def engine_load(engine: EngineLoop) -> common_pb2.Load:
         num_kv_blocks=engine.blocks.num_blocks,
         kv_block_size=engine.blocks.block_size,
         max_running=engine.limits.max_running,
+        dtype=DTYPE_NAMES[engine.cache.k[0].dtype],
     )

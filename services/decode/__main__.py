@@ -17,7 +17,7 @@ from services.decode.servicer import DecodeServicer
 
 
 async def run(config: cfg.Config) -> None:
-    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("decode"))
+    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("decode"), "decode")
     # Unclaimed KV (a request whose first token already finished it, or whose gateway went away) expires.
     arch = engine.model.arch
     store = KVStore(

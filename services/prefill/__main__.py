@@ -17,7 +17,7 @@ from services.prefill.servicer import PrefillServicer
 
 
 async def run(config: cfg.Config) -> None:
-    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("prefill"))
+    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("prefill"), "prefill")
     channels = ChannelPool()
     metrics.engine_gauges(engine)
     metrics.serve_metrics(config.network.prefill_metrics_port, config.network.host)

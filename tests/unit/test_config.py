@@ -48,3 +48,10 @@ def test_to_argv_round_trips():
     again = cfg.parse(cfg.to_argv(c), env={"EDGELLM_DTYPE": "fp16"})
     assert again == c
     assert again.network.decode_addresses == ("x:1", "y:2")
+
+
+def test_precision_per_phase_falls_back_to_dtype():
+    c = cfg.parse(["--dtype", "fp16", "--prefill-dtype", "bf16"], env={})
+    assert (c.model.dtype_for("prefill"), c.model.dtype_for("decode")) == ("bf16", "fp16")
+    with pytest.raises(ValueError, match="prefill-dtype"):
+        cfg.parse(["--prefill-dtype", "int4"], env={})

@@ -1,0 +1,45 @@
+"""Per-phase precision through real processes: bf16 prefill streaming KV to an fp32 decode service."""
+
+import shutil
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from edgellm.client import Client
+from edgellm.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from tests.conftest import stack_config, start_stack
+
+
+@pytest.fixture(scope="module")
+def mixed_stack(tiny_model_dir):
+    s = start_stack(stack_config(tiny_model_dir, prefill_dtype="bf16", decode_dtype="fp32"))
+    yield s
+    s.stop()
+    shutil.rmtree(s.log_dir, ignore_errors=True)
+
+
+def test_bf16_prefill_feeds_fp32_decode(mixed_stack, tiny_model_dir):
+    with Client(mixed_stack.address("gateway"), timeout_s=60) as client:
+        result = client.generate_text(prompt="Precision matters", max_tokens=12)
+    assert result.completion_tokens == len(result.token_ids) >= 1
+
+    prompt = list(range(100, 140))
+    with grpc.insecure_channel(mixed_stack.address("prefill")) as channel:
+        reply = prefill_pb2_grpc.PrefillStub(channel).Prefill(
+            prefill_pb2.PrefillRequest(request_id="p1", prompt_token_ids=prompt, sampling=common_pb2.SamplingParams(),
+                                       decode_address=mixed_stack.address("decode"), max_new_tokens=2),
+            timeout=30,
+        )
+    layers, kv_heads, head_dim = 4, 2, 16  # the tiny model
+    assert reply.kv.num_bytes == 2 * layers * kv_heads * len(prompt) * head_dim * 2  # K and V, 2 bytes each: bf16
+
+
+def test_status_shows_each_engines_precision(mixed_stack):
+    out = subprocess.run(
+        [sys.executable, "-m", "edgellm", "status", "--monitor", mixed_stack.address("monitor")],
+        capture_output=True, text=True, timeout=60, env={"EDGELLM_GATEWAY": mixed_stack.address("gateway")},
+    )
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+    assert " bf16 " in lines["prefill"] and " fp32 " in lines["decode"], out.stdout
