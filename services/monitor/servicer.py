@@ -34,7 +34,6 @@ class HealthChecker:
         self.channels = channels
         self.cfg = cfg
         self.changed = asyncio.Condition()
-        self.num_rounds = 0  # completed heartbeat rounds
 
     async def _check(self, address: str) -> bool:
         """One heartbeat: grpc.health.v1 Check, then (engines) the load report."""
@@ -69,7 +68,6 @@ class HealthChecker:
                     )
             if changed:
                 log.info("routes_changed", version=self.registry.version, mode=monitor_pb2.RouteMode.Name(self.registry.mode))
-            self.num_rounds += 1
             async with self.changed:  # watchers get health changes and fresh loads
                 self.changed.notify_all()
             await asyncio.sleep(self.cfg.health_interval_s)
