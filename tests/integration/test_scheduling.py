@@ -70,7 +70,7 @@ def test_cancelled_stream_frees_its_kv_blocks(tiny_stack):
 
 def test_deadline_ends_the_request_and_frees_its_blocks(tiny_stack):
     total = decode_load(tiny_stack).num_kv_blocks
-    with Client(tiny_stack.address("gateway"), timeout_s=0.5) as client:
+    with Client(tiny_stack.address("gateway"), timeout_s=0.3) as client:
         with pytest.raises(GenerationError) as e:
             client.generate_text(prompt=LONG_PROMPT, max_tokens=1900)
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
