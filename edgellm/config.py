@@ -55,6 +55,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("prefill_dtype", str, "", "prefill service precision (bf16 is ~4x faster on AMX CPUs); empty = --dtype",
            ("", *DTYPES)),
     Option("decode_dtype", str, "", "decode service precision; empty = --dtype", ("", *DTYPES)),
+    Option("decode_weights", str, "", "decode weight format: empty = --decode-dtype, or int4 (round-to-nearest)",
+           ("", "int4")),
+    Option("int4_group_size", int, 32, "INT4 quantization group size (32, 64 or 128)"),
     # placement (each service reads its own)
     Option("prefill_threads", int, 0, "torch threads of the prefill engine; 0 = one per CPU it may use"),
     Option("decode_threads", int, 0, "torch threads of the decode engine; 0 = one per CPU it may use"),
@@ -117,8 +120,12 @@ class ModelConfig:
     dtype: str
     prefill_dtype: str
     decode_dtype: str
+    decode_weights: str
+    int4_group_size: int
 
     def __post_init__(self) -> None:
+        if self.int4_group_size not in (32, 64, 128):
+            raise ValueError("int4_group_size must be 32, 64 or 128")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("prefill_dtype", "decode_dtype"):

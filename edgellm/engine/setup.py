@@ -10,6 +10,7 @@ from edgellm.config import EngineConfig, ModelConfig
 from edgellm.engine.kv_cache import PagedKVCache
 from edgellm.engine.loop import EngineLimits, EngineLoop
 from edgellm.engine.weights import LoadedModel, load_model
+from edgellm.quant.int4 import quantize_model
 
 
 def engine_threads(requested: int) -> int:
@@ -29,6 +30,8 @@ def build_engine(
 ) -> tuple[EngineLoop, LoadedModel]:
     num_threads = engine_threads(threads)
     loaded = load_model(model_cfg.model, model_cfg.dtype_for(service))
+    if service == "decode" and model_cfg.decode_weights == "int4":
+        quantize_model(loaded.model, model_cfg.int4_group_size)  # prefill keeps full precision
     a = loaded.model.arch
     dtype = loaded.model.embed_tokens.weight.dtype
     block_bytes = PagedKVCache.bytes_per_block(a.num_layers, engine_cfg.kv_block_size, a.num_kv_heads, a.head_dim, dtype)

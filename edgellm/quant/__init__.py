@@ -1,0 +1,1 @@
+"""Weight and KV quantization: model-to-model transforms applied at load time."""
