@@ -43,3 +43,16 @@ def test_status_shows_each_engines_precision(mixed_stack):
     )
     lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
     assert " bf16 " in lines["prefill"] and " fp32 " in lines["decode"], out.stdout
+
+
+def test_int4_decode_service_serves_requests(tiny_model_dir):
+    s = start_stack(stack_config(tiny_model_dir, decode_weights="int4", int4_group_size=32))
+    try:
+        with Client(s.address("gateway"), timeout_s=60) as client:
+            result = client.generate_text(prompt="Four bits", max_tokens=10)
+        assert result.completion_tokens == len(result.token_ids) >= 1
+        with open(f"{s.log_dir}/decode.log") as f:
+            assert "kv_received" in f.read()  # decoded by the INT4 decode service, not in degraded mode
+    finally:
+        s.stop()
+        shutil.rmtree(s.log_dir, ignore_errors=True)
