@@ -106,12 +106,11 @@ class Stack:
             self.start(name)
 
     def start_and_wait(self) -> None:
-        """Start all four and return once the monitor routes in NORMAL mode; stop everything on failure."""
+        """Start the stack's services and return once the monitor sees all of them healthy; stop everything on failure."""
         try:
             self.start_all()
             self.wait_serving(self.services)
-            self.wait_all_healthy()
-            self.wait_mode(monitor_pb2.ROUTE_MODE_COLOCATED if self.config.network.colocated else monitor_pb2.ROUTE_MODE_NORMAL)
+            self.wait_all_healthy()  # every service healthy: NORMAL mode (COLOCATED without decode)
         except BaseException:
             self.stop()
             raise

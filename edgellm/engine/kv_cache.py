@@ -31,6 +31,8 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        # Zeros, not empty: decode gathers whole blocks, and a NaN in a masked-out slot would
+        # still poison attention (0 weight x NaN value = NaN).
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
 

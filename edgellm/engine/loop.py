@@ -8,7 +8,7 @@ Sequences join the running batch between steps and leave the moment they finish
 (EOS, max_new_tokens, end of context, cancel). The model never runs on the event loop;
 tokens come back through loop.call_soon_threadsafe into per-request asyncio queues.
 All heavy torch compute of a process happens on this one thread, with num_threads
-threads; the event loop's thread stays single-threaded (see setup.place_process).
+threads; the event loop's thread stays single-threaded (see setup.engine_threads).
 """
 
 from __future__ import annotations
