@@ -41,7 +41,8 @@ def describe(config: cfg.Config, services: tuple[str, ...]) -> dict[str, Any]:
         "colocated": config.network.colocated,
         "placement": dataclasses.asdict(config.placement),
         "engine": dataclasses.asdict(config.engine),
-        "dtype": config.model.dtype,
+        "precision": {"prefill": config.model.prefill_dtype, "decode_weights": config.model.decode_weights,
+                      "int4_group_size": config.model.int4_group_size, "int4_outliers": config.model.int4_outliers},
     }
 
 

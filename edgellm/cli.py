@@ -5,7 +5,9 @@
   edgellm generate PROMPT          stream an answer (chat message; --raw for a plain prompt)
   edgellm status                   each service's health and the routing mode
   edgellm health HOST:PORT         exit 0 if the service reports SERVING (container health checks)
-  edgellm prepare-model            convert the embedded default model into the local cache
+  edgellm prepare-model [options]  convert the default model into the local cache, and make the
+                                   decode service's INT4 checkpoint (--decode-weights int4-*)
+  edgellm perplexity --text FILE   perplexity of a text through the decode service's layers (JSON)
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ def _up(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="edgellm up", description="Start the four services locally.")
     cfg.add_arguments(parser)
     config = cfg.from_namespace(parser.parse_args(argv))
-    from edgellm.engine.weights import resolve_model_dir
     from edgellm.launch import Stack, service_port
 
-    # Convert the default model once here, not in three services at the same time.
-    resolve_model_dir(config.model.model)
+    # Convert (and quantize) once here, with a progress bar, not inside three services at once.
+    _prepare(config, progress=True)
     stack = Stack(config)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -130,7 +131,7 @@ def _status(argv: list[str]) -> int:
         load = ""
         if s.HasField("load"):
             l = s.load
-            load = (f"  {l.dtype}  running={l.num_running} waiting={l.num_waiting}"
+            load = (f"  {l.weights} ({l.weight_bytes / 2**20:.0f} MiB)  running={l.num_running} waiting={l.num_waiting}"
                     f" free_kv_blocks={l.num_free_kv_blocks}/{l.num_kv_blocks}")
         print(f"  {role:<8} {s.address:<22} {'healthy' if s.healthy else 'DOWN':<8}{load}")
     gateway = os.environ.get("EDGELLM_GATEWAY", "127.0.0.1:50051")
@@ -148,10 +149,31 @@ def _health(argv: list[str]) -> int:
 
 
 def _prepare_model(argv: list[str]) -> int:
-    from edgellm.engine.weights import prepare_default_model
-
-    print(prepare_default_model())
+    parser = argparse.ArgumentParser(prog="edgellm prepare-model", description="Convert and quantize ahead of time.")
+    cfg.add_arguments(parser)
+    config = cfg.from_namespace(parser.parse_args(argv))
+    print(_prepare(config, progress=True))
     return 0
+
+
+def _prepare(config: cfg.Config, progress: bool) -> str:
+    """Convert the default model (once), and make the decode INT4 checkpoint (once, with a
+    progress bar) so the services find both in the cache."""
+    from edgellm.engine.setup import int4_settings
+    from edgellm.engine.weights import resolve_model_dir
+    from edgellm.quant.prepare import prepare_int4
+
+    model_dir = resolve_model_dir(config.model.model)
+    settings = int4_settings(config.model)
+    if settings is None or config.model.int4_checkpoint:
+        return str(model_dir)
+    return str(prepare_int4(config.model.model, settings, progress=progress))
+
+
+def _perplexity(argv: list[str]) -> int:
+    from edgellm.perplexity import main as perplexity_main
+
+    return perplexity_main(argv)
 
 
 COMMANDS = {
@@ -161,6 +183,7 @@ COMMANDS = {
     "status": _status,
     "health": _health,
     "prepare-model": _prepare_model,
+    "perplexity": _perplexity,
 }
 
 

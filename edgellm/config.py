@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 DTYPES = ("fp32", "bf16", "fp16")
+DECODE_WEIGHTS = ("int4-awq", "int4-rtn", *DTYPES)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -51,13 +52,13 @@ def _addresses(text: str) -> tuple[str, ...]:
 OPTIONS: tuple[Option, ...] = (
     # model
     Option("model", str, "", "HF Llama-family checkpoint directory; empty = the embedded SmolLM2-135M-Instruct"),
-    Option("dtype", str, "fp32", "engine precision of both phases, unless set per phase below", DTYPES),
-    Option("prefill_dtype", str, "", "prefill service precision (bf16 is ~4x faster on AMX CPUs); empty = --dtype",
-           ("", *DTYPES)),
-    Option("decode_dtype", str, "", "decode service precision; empty = --dtype", ("", *DTYPES)),
-    Option("decode_weights", str, "", "decode weight format: empty = --decode-dtype, or int4 (round-to-nearest)",
-           ("", "int4")),
-    Option("int4_group_size", int, 32, "INT4 quantization group size (32, 64 or 128)"),
+    Option("prefill_dtype", str, "bf16", "prefill service precision: bf16 (default), fp32 (reference) or fp16", DTYPES),
+    Option("decode_weights", str, "int4-awq", "decode service weights: int4-awq, int4-rtn, or dense fp32/bf16/fp16",
+           DECODE_WEIGHTS),
+    Option("int4_group_size", int, 32, "INT4 group size along the input (32, 64 or 128; a layer it does not divide uses the next smaller)"),
+    Option("int4_outliers", int, 8, "input channels per layer input kept in bf16 beside the INT4 weights (int4-awq); 0 = none"),
+    Option("int4_lm_head", _bool, True, "quantize the LM head too (a tied embedding is then read from it)"),
+    Option("int4_checkpoint", str, "", "INT4 checkpoint file (from `edgellm prepare-model`); empty = the cache, made on first start"),
     # placement (each service reads its own)
     Option("prefill_threads", int, 0, "torch threads of the prefill engine; 0 = one per CPU it may use"),
     Option("decode_threads", int, 0, "torch threads of the decode engine; 0 = one per CPU it may use"),
@@ -117,24 +118,33 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class ModelConfig:
     model: str
-    dtype: str
     prefill_dtype: str
-    decode_dtype: str
     decode_weights: str
     int4_group_size: int
+    int4_outliers: int
+    int4_lm_head: bool
+    int4_checkpoint: str
 
     def __post_init__(self) -> None:
         if self.int4_group_size not in (32, 64, 128):
             raise ValueError("int4_group_size must be 32, 64 or 128")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("prefill_dtype", "decode_dtype"):
-            if getattr(self, name) not in ("", *DTYPES):
-                raise ValueError(f"{name} must be empty or one of {DTYPES}")
+        if self.int4_outliers < 0:
+            raise ValueError("int4_outliers must be >= 0")
+        if self.prefill_dtype not in DTYPES:
+            raise ValueError(f"prefill_dtype must be one of {DTYPES}, got {self.prefill_dtype!r}")
+        if self.decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {self.decode_weights!r}")
 
     def dtype_for(self, service: str) -> str:
-        """The precision of an engine service: its own setting, else --dtype."""
-        return getattr(self, f"{service}_dtype") or self.dtype
+        """The activation (and KV cache) precision of an engine service. INT4 decode computes
+        in bf16: torch's CPU int4 kernel takes bf16 activations."""
+        if service == "prefill":
+            return self.prefill_dtype
+        return self.decode_weights if self.decode_weights in DTYPES else "bf16"
+
+    @property
+    def int4(self) -> bool:
+        return self.decode_weights.startswith("int4-")
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
-def stack_config(model: str, **overrides: str) -> cfg.Config:
+# Most stack tests check plumbing (equal text across services, resumes, equivalence with
+# transformers), so both phases run fp32 unless a test asks otherwise; the shipped default
+# (bf16 prefill, INT4-AWQ decode) has its own tests in test_precision.py and test_real_model.py.
+PLUMBING_PRECISION = {"prefill_dtype": "fp32", "decode_weights": "fp32"}
+
+
+def stack_config(model: str, shipped_precision: bool = False, **overrides: str) -> cfg.Config:
     argv = ["--model", model, *free_port_argv()]
-    for key, value in overrides.items():
+    for key, value in ({} if shipped_precision else PLUMBING_PRECISION | overrides).items():
         argv += ["--" + key.replace("_", "-"), str(value)]
     return cfg.parse(argv, env={})
 

@@ -29,6 +29,7 @@ from edgellm.engine.runner import ModelRunner
 from edgellm.engine.sampling import SamplingParams
 from edgellm.engine.scheduler import Scheduler, SchedulerOutput
 from edgellm.engine.sequence import Kind, Sequence, Status
+from edgellm.engine.weights import DTYPE_NAMES
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +66,7 @@ class EngineLoop:
         self.num_threads = num_threads  # torch threads of the engine thread; 0 = leave as is
         self.max_context = model.arch.max_position_embeddings
         a = model.arch
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.norm.weight.dtype
         self.blocks = BlockManager(limits.num_blocks, limits.block_size)
         self.cache = PagedKVCache(a.num_layers, limits.num_blocks, limits.block_size, a.num_kv_heads, a.head_dim, dtype)
         self.runner = ModelRunner(model, self.cache, self.blocks)
@@ -73,6 +74,8 @@ class EngineLoop:
         self.num_steps = 0
         self.num_preemptions = 0
         self.max_decode_batch = 0  # largest decode step so far (evidence of batching)
+        self.weights_label = DTYPE_NAMES[dtype]  # build_engine names INT4 weights
+        self.weight_bytes = model.weight_bytes()
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False

@@ -175,6 +175,13 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
+    def weight_bytes(self) -> int:
+        """Memory the weights take: each parameter once (a tied LM head shares the embedding's
+        tensor), plus what modules holding packed weights in buffers (INT4 layers) report."""
+        packed = sum(m.weight_bytes() for m in self.modules() if m is not self and hasattr(m, "weight_bytes"))
+        tensors = {p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}
+        return packed + sum(tensors.values())
+
     @torch.inference_mode()
     def forward(
         self,
@@ -191,7 +198,7 @@ class LlamaModel(nn.Module):
         """
         freqs = torch.outer(batch.positions.float(), self.inv_freq)  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D], broadcast over heads
-        dtype = self.embed_tokens.weight.dtype
+        dtype = self.norm.weight.dtype  # the activation dtype (the embedding may be INT4)
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
         h = self.embed_tokens(batch.token_ids)  # [T, hidden]

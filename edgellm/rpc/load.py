@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from edgellm.engine.loop import EngineLoop
-from edgellm.engine.weights import TORCH_DTYPES
+from edgellm.engine.weights import DTYPE_NAMES
 from edgellm.v1 import common_pb2
-
-DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 def engine_load(engine: EngineLoop) -> common_pb2.Load:
@@ -18,4 +16,6 @@ def engine_load(engine: EngineLoop) -> common_pb2.Load:
         kv_block_size=engine.blocks.block_size,
         max_running=engine.limits.max_running,
         dtype=DTYPE_NAMES[engine.cache.k[0].dtype],
+        weights=engine.weights_label,
+        weight_bytes=engine.weight_bytes,
     )

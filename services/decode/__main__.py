@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 
+import structlog
 import uvloop
 
 from edgellm import config as cfg
 from edgellm import logs, metrics
 from edgellm.launch import pin_process
 from edgellm.engine.setup import build_engine
+from edgellm.quant.checkpoint import CheckpointError
 from edgellm.rpc.server import serve
 from edgellm.transfer.receiver import KVStore
 from edgellm.v1 import decode_pb2, decode_pb2_grpc
@@ -42,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     config = cfg.parse(argv, prog="edgellm serve decode")
     logs.configure("decode", config.log_level)
     pin_process(config.placement.cpus("decode"))
-    uvloop.run(run(config))
+    try:
+        uvloop.run(run(config))
+    except CheckpointError as e:  # corrupt, or made for another model or settings: never served
+        structlog.get_logger("decode").error("int4_checkpoint_rejected", error=str(e))
+        sys.exit(2)
 
 
 if __name__ == "__main__":

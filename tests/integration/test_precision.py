@@ -1,4 +1,5 @@
-"""Per-phase precision through real processes: bf16 prefill streaming KV to an fp32 decode service."""
+"""Per-phase precision through real processes: bf16 prefill streaming KV to an fp32 decode
+service; the shipped default (bf16 prefill, INT4-AWQ decode); a bad INT4 checkpoint refused."""
 
 import shutil
 import subprocess
@@ -14,10 +15,19 @@ from tests.conftest import stack_config, start_stack
 
 @pytest.fixture(scope="module")
 def mixed_stack(tiny_model_dir):
-    s = start_stack(stack_config(tiny_model_dir, prefill_dtype="bf16", decode_dtype="fp32"))
+    s = start_stack(stack_config(tiny_model_dir, prefill_dtype="bf16", decode_weights="fp32"))
     yield s
     s.stop()
     shutil.rmtree(s.log_dir, ignore_errors=True)
+
+
+def status_lines(stack) -> dict[str, str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "edgellm", "status", "--monitor", stack.address("monitor")],
+        capture_output=True, text=True, timeout=60, env={"EDGELLM_GATEWAY": stack.address("gateway")},
+    )
+    assert out.returncode == 0, out.stderr
+    return {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
 
 
 def test_bf16_prefill_feeds_fp32_decode(mixed_stack, tiny_model_dir):
@@ -37,22 +47,28 @@ def test_bf16_prefill_feeds_fp32_decode(mixed_stack, tiny_model_dir):
 
 
 def test_status_shows_each_engines_precision(mixed_stack):
-    out = subprocess.run(
-        [sys.executable, "-m", "edgellm", "status", "--monitor", mixed_stack.address("monitor")],
-        capture_output=True, text=True, timeout=60, env={"EDGELLM_GATEWAY": mixed_stack.address("gateway")},
-    )
-    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
-    assert " bf16 " in lines["prefill"] and " fp32 " in lines["decode"], out.stdout
+    lines = status_lines(mixed_stack)
+    assert " bf16 " in lines["prefill"] and " fp32 " in lines["decode"], lines
 
 
-def test_int4_decode_service_serves_requests(tiny_model_dir):
-    s = start_stack(stack_config(tiny_model_dir, decode_weights="int4", int4_group_size=32))
+def test_the_default_stack_is_bf16_prefill_and_int4_awq_decode(tiny_model_dir):
+    s = start_stack(stack_config(tiny_model_dir, shipped_precision=True))
     try:
         with Client(s.address("gateway"), timeout_s=60) as client:
             result = client.generate_text(prompt="Four bits", max_tokens=10)
         assert result.completion_tokens == len(result.token_ids) >= 1
         with open(f"{s.log_dir}/decode.log") as f:
             assert "kv_received" in f.read()  # decoded by the INT4 decode service, not in degraded mode
+        lines = status_lines(s)
+        assert " bf16 " in lines["prefill"], lines
+        assert "int4-awq g32+8 outliers" in lines["decode"], lines
     finally:
         s.stop()
         shutil.rmtree(s.log_dir, ignore_errors=True)
+
+
+def test_a_corrupted_int4_checkpoint_stops_the_decode_service_with_a_clear_error(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises((RuntimeError, TimeoutError), match="unreadable"):
+        start_stack(stack_config(tiny_model_dir, decode_weights="int4-awq", int4_checkpoint=str(bad)))

@@ -5,7 +5,9 @@ from edgellm import config as cfg
 
 def test_defaults():
     c = cfg.parse([], env={})
-    assert c.model.dtype == "fp32"
+    # the hybrid: high-precision prefill, INT4-AWQ decode (bf16 activations)
+    assert (c.model.prefill_dtype, c.model.decode_weights) == ("bf16", "int4-awq")
+    assert (c.model.dtype_for("prefill"), c.model.dtype_for("decode")) == ("bf16", "bf16")
     assert (c.network.gateway_port, c.network.prefill_port, c.network.decode_port, c.network.monitor_port) == (
         50051,
         50052,
@@ -16,9 +18,9 @@ def test_defaults():
 
 
 def test_flag_beats_environment_beats_default():
-    env = {"EDGELLM_DTYPE": "bf16", "EDGELLM_DECODE_PORT": "6000"}
-    c = cfg.parse(["--dtype", "fp16"], env=env)
-    assert c.model.dtype == "fp16"  # flag wins
+    env = {"EDGELLM_PREFILL_DTYPE": "bf16", "EDGELLM_DECODE_PORT": "6000"}
+    c = cfg.parse(["--prefill-dtype", "fp16"], env=env)
+    assert c.model.prefill_dtype == "fp16"  # flag wins
     assert c.network.decode_port == 6000  # environment over default
     assert c.network.prefill_port == 50052
 
@@ -31,7 +33,9 @@ def test_address_lists():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--dtype", "int3"], "dtype"),
+        (["--prefill-dtype", "int3"], "prefill-dtype"),
+        (["--decode-weights", "int3"], "decode-weights"),
+        (["--int4-group-size", "48"], "int4_group_size"),
         (["--gateway-port", "70000"], "gateway_port"),
         (["--gateway-port", "abc"], "cannot parse"),
         (["--kv-max-chunk-bytes", str(64 << 20)], "kv_max_chunk_bytes"),
@@ -44,14 +48,15 @@ def test_bad_values_are_rejected_with_the_option_named(argv, message):
 
 
 def test_to_argv_round_trips():
-    c = cfg.parse(["--dtype", "bf16", "--decode-addrs", "x:1,y:2", "--health-interval-s", "0.5"], env={})
-    again = cfg.parse(cfg.to_argv(c), env={"EDGELLM_DTYPE": "fp16"})
+    c = cfg.parse(["--prefill-dtype", "fp32", "--decode-addrs", "x:1,y:2", "--health-interval-s", "0.5"], env={})
+    again = cfg.parse(cfg.to_argv(c), env={"EDGELLM_PREFILL_DTYPE": "fp16"})
     assert again == c
     assert again.network.decode_addresses == ("x:1", "y:2")
 
 
-def test_precision_per_phase_falls_back_to_dtype():
-    c = cfg.parse(["--dtype", "fp16", "--prefill-dtype", "bf16"], env={})
-    assert (c.model.dtype_for("prefill"), c.model.dtype_for("decode")) == ("bf16", "fp16")
-    with pytest.raises(ValueError, match="prefill-dtype"):
-        cfg.parse(["--prefill-dtype", "int4"], env={})
+def test_precision_per_phase():
+    c = cfg.parse(["--prefill-dtype", "fp32", "--decode-weights", "fp16"], env={})
+    assert (c.model.dtype_for("prefill"), c.model.dtype_for("decode")) == ("fp32", "fp16")
+    assert not c.model.int4
+    c = cfg.parse(["--decode-weights", "int4-rtn", "--int4-group-size", "32"], env={})
+    assert c.model.int4 and c.model.dtype_for("decode") == "bf16"
