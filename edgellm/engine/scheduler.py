@@ -91,6 +91,10 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             seq.block_table = self.blocks.allocate(seq.num_prompt_tokens)
+            # The runner copies the staged KV in before this step's decode, which then writes
+            # position num_prompt_tokens: count those tokens now, so _schedule_decodes adds a
+            # block when the prompt fills its last one exactly.
+            seq.num_cached_tokens = seq.num_prompt_tokens
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.admitted_from_kv.append(seq)

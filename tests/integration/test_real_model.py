@@ -132,3 +132,19 @@ def test_decode_receives_kv_before_prefill_finishes(real_stack):
             )
         )
     assert 1 <= sum(len(d.token_ids) for d in deltas) <= 3
+
+
+def test_the_shipped_hybrid_answers_like_full_precision():
+    """bf16 prefill + INT4-AWQ decode (the default) through the real services still answers right."""
+    from edgellm.quant.prepare import Int4Settings, prepare_int4
+    from tests.conftest import stack_config, start_stack
+
+    prepare_int4("", Int4Settings("awq", 32, 8, True))  # made by `make setup`; a no-op when cached
+    stack = start_stack(stack_config(str(prepare_default_model()), shipped_precision=True))
+    try:
+        with Client(stack.address("gateway"), timeout_s=120) as client:
+            answer = client.generate_text(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                          max_tokens=16, temperature=0)
+        assert "Paris" in answer.text
+    finally:
+        stack.stop()

@@ -103,6 +103,9 @@ def test_service_runs_edgellm_serve_on_its_default_port(project, defaults, name)
     assert config.network.prefill_addresses == (f"prefill:{service_port('prefill', defaults)}",)
     assert config.network.decode_addresses == (f"decode:{service_port('decode', defaults)}",)
     assert config.network.monitor_address == f"monitor:{service_port('monitor', defaults)}"
+    # each phase's precision comes from the compose environment: bf16 prefill, INT4-AWQ decode
+    assert (config.model.prefill_dtype, config.model.decode_weights) == ("bf16", "int4-awq")
+    assert (config.model.int4_group_size, config.model.int4_outliers) == (32, 8)
 
     # `edgellm up` runs the same service the same way: python -m edgellm serve NAME ...
     local = service_command(name, defaults)

@@ -122,3 +122,31 @@ def test_request_larger_than_the_cache_is_refused(tiny):
     engine = make_engine(tiny, num_blocks=4)
     with pytest.raises(EngineError, match="KV blocks"):
         run_engine(engine, lambda: collect(engine, [1] * 10, 20))
+
+
+@pytest.mark.parametrize("prompt_len", [4, 7, 8, 16])  # block size 4: full last blocks, and one not
+def test_decoding_from_staged_kv_equals_local_generation(tiny, prompt_len):
+    """The decode service's path: the prompt's KV arrives from a prefill engine (staged), the
+    first token too; decoding on from it gives what one engine generating alone gives."""
+    prompt = prompts(1, seed=prompt_len)[0][:1] * prompt_len
+    prompt = [(t + i) % 1000 for i, t in enumerate(prompt)]
+    local = make_engine(tiny)
+    expected = run_engine(local, lambda: collect(local, prompt, 12))
+
+    a = tiny.model.arch
+    k = torch.zeros(a.num_layers, a.num_kv_heads, prompt_len, a.head_dim)
+    v = torch.zeros_like(k)
+
+    def keep(layer, lk, lv):  # [Hkv, T, D] per layer, what the KV sender receives
+        k[layer], v[layer] = lk, lv
+
+    prefill = make_engine(tiny)
+    first = run_engine(prefill, lambda: prefill.prefill("p", prompt, GREEDY, 12, keep)).first_token_id
+    decode = make_engine(tiny)
+
+    async def decode_rest():
+        stream = decode.generate("d", prompt + [first], GREEDY, 12, num_generated=1, staged_kv=(k, v))
+        return [t async for t, _ in stream]
+
+    assert [first, *run_engine(decode, decode_rest)] == expected
+    assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
