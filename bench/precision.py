@@ -2,7 +2,7 @@
 
 Every model here is built exactly as the decode service builds it (edgellm.perplexity.decode_model
 over a config parsed from flags alone, `env={}`), so int4-awq is the INT4 the service runs.
-Four sections, chosen with --sections (default: all):
+Five sections, chosen with --sections (default: all):
 
   ppl     perplexity on held-out prose: the first --num-tokens tokens of
           ../shared/eval/persuasion.txt in non-overlapping windows of --window tokens, the same
@@ -24,18 +24,33 @@ Four sections, chosen with --sections (default: all):
           PREFILL_ONLY engine hands its per-layer K/V to a FROM_KV engine, whose cache casts it
           to its own dtype): bf16 -> int4-awq (the deployed default), int4-awq throughout,
           bf16 throughout, and fp32 throughout as a control (must agree 100%).
+  services decode through the real four-service stack (bench/stacks.py, "disaggregated":
+          prefill, gateway and monitor on CPU 0, decode on CPU 1, one torch thread each),
+          started once per decode weight format (fp32, bf16, int4-awq with default settings),
+          always with --prefill-dtype fp32 so that only decode differs. After one unmeasured
+          warm-up request: a closed loop (bench/load.py) at concurrency 1 (4 requests) and 32
+          (64 requests), each request a chat prompt asking for a long answer with max_tokens
+          64 (the API has no ignore-EOS, so the prompts are chosen to run to the limit; the
+          mean output length is reported). Reported per format: client TPOT p50 at c=1,
+          aggregate output tokens/s and TPOT p50 at c=32 (bench/report.py), the decode
+          service's weight label and weight bytes from the monitor's route table, and its RSS
+          (VmRSS of the decode process) after start-up and after the load. Then issue 4's
+          acceptance 2: INT4 vs fp32 TPOT at batch 1 (>= 2x faster), INT4 vs bf16 tok/s at
+          32 streams (>= 0.9x), INT4 vs bf16 weight bytes (<= 30%).
 
 Perplexity, greedy and hybrid run with --threads torch threads (default: every CPU this
 process may use). Prints one markdown table per section and writes them, with the command
 line and the date, to --out (default bench/results/precision.json).
 
 Reproduce:  make bench-precision   (or: .venv/bin/python -m bench.precision)
-Smoke run:  .venv/bin/python -m bench.precision --quick   (512 tokens, 5 prompts, perplexity rows at group 64 only, batches 1 and 8)
+Smoke run:  .venv/bin/python -m bench.precision --quick   (512 tokens, 5 prompts, perplexity rows at group 64 only,
+            batches 1 and 8; services: 2 requests at c=1 and 8 at c=8)
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import math
@@ -50,22 +65,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import torch
 
+from bench.load import Batch, closed_loop, run_request
+from bench.report import Slo, summarize
+from bench.stacks import started_stack
+from bench.workload import BenchRequest
 from edgellm import config as cfg
+from edgellm.client import AsyncClient
 from edgellm.engine.loop import EngineLimits, EngineLoop
 from edgellm.engine.model import LayerKVHook, LlamaModel
 from edgellm.engine.sampling import SamplingParams
 from edgellm.engine.sequence import Kind, Sequence
 from edgellm.engine.weights import resolve_model_dir
+from edgellm.launch import Stack, route_table
 from edgellm.perplexity import decode_model, mean_nll
 from edgellm.quant.prepare import Int4Settings, checkpoint_path, prepare_int4
+from edgellm.v1 import common_pb2, monitor_pb2
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 EVAL_DIR = REPO_ROOT.parent / "shared" / "eval"
 PPL_TEXT = EVAL_DIR / "persuasion.txt"
 PROMPT_TEXT = EVAL_DIR / "northangerabbey.txt"
-SECTIONS = ("ppl", "step", "greedy", "hybrid")
+SECTIONS = ("ppl", "step", "greedy", "hybrid", "services")
 
 # Greedy / hybrid prompt length. Not a multiple of the KV block size on purpose: a staged (FROM_KV)
 # prompt that fills its last block exactly crashes the engine's first decode step (the scheduler
@@ -75,6 +98,27 @@ NEW_TOKENS = 32  # greedy tokens compared per prompt
 STEP_PROMPT_TOKENS = 60  # decode-step prompts, as bench/decode_step.py
 STEP_WARMUP = 3  # untimed decode steps before the timed ones
 BLOCK_SIZE = 16
+
+# Services section: the disaggregated stack once per decode weight format, prefill always fp32.
+SERVICE_STACK = "disaggregated"
+SERVICE_WEIGHTS = ("fp32", "bf16", "int4-awq")
+SERVICE_PREFILL_DTYPE = "fp32"
+SERVICE_MAX_TOKENS = 64
+SERVICE_LEVELS = ((1, 4), (32, 64))  # (concurrency, requests)
+SERVICE_LEVELS_QUICK = ((1, 2), (8, 8))
+SERVICE_REQUEST_TIMEOUT_S = 300.0
+# Chat prompts that ask for long answers: the API has no ignore-EOS, and greedy decoding of these
+# runs to max_tokens, so every format decodes (about) the same number of tokens per request.
+SERVICE_PROMPTS = (
+    "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail, step by step, how a steam engine works.",
+    "Describe, in several paragraphs, a walk through a busy market on a summer morning.",
+    "Write a detailed essay about the history of the printing press.",
+    "Give a long, step-by-step guide to planting and caring for a vegetable garden.",
+    "Write a long letter to a friend describing your last holiday by the sea.",
+    "Explain in detail why regular exercise is good for both the body and the mind.",
+    "Describe the four seasons in a small mountain village, one paragraph for each.",
+)
 
 
 # ---- configurations ---------------------------------------------------------------------------
@@ -367,6 +411,93 @@ def hybrid_section(args: argparse.Namespace, models: ModelCache, prompts: list[l
     return rows
 
 
+def service_requests(num_requests: int) -> list[BenchRequest]:
+    return [BenchRequest(SERVICE_PROMPTS[i % len(SERVICE_PROMPTS)], SERVICE_MAX_TOKENS) for i in range(num_requests)]
+
+
+def decode_state(stack: Stack, timeout_s: float = 15.0) -> monitor_pb2.ServiceState:
+    """The decode service's entry in the monitor's route table, once a heartbeat has carried its load."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            table = route_table(stack.address("monitor"))
+        except grpc.RpcError:
+            table = None
+        for state in table.services if table else ():
+            if state.role == common_pb2.SERVICE_ROLE_DECODE and state.load.weight_bytes:
+                return state
+        if time.monotonic() > deadline:
+            raise TimeoutError("the monitor's route table has no decode service with a load")
+        time.sleep(0.2)
+
+
+def rss_mib(pid: int) -> dict[str, float]:
+    """A process's resident memory in MiB: VmRSS (now), VmHWM (peak), and RSS split into anonymous
+    memory (heap, tensors) and file pages (shared libraries, mmapped checkpoints)."""
+    names = {"VmRSS": "rss_mib", "VmHWM": "hwm_mib", "RssAnon": "rss_anon_mib", "RssFile": "rss_file_mib"}
+    fields = {}
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in names:
+            fields[names[key]] = int(value.split()[0]) / 1024  # kB
+    return fields
+
+
+async def service_load(address: str, levels: tuple[tuple[int, int], ...]) -> list[tuple[int, Batch]]:
+    """One warm-up request, then a closed loop at each (concurrency, requests) level."""
+    async with AsyncClient(address, timeout_s=SERVICE_REQUEST_TIMEOUT_S) as client:
+        if error := (await run_request(client, service_requests(1)[0])).error:
+            raise RuntimeError(f"warm-up request failed: {error}")
+        return [(c, await closed_loop(client, service_requests(n), c)) for c, n in levels]
+
+
+def service_row(weights: str, levels: tuple[tuple[int, int], ...], model_flags: tuple[str, ...] = ()) -> dict[str, Any]:
+    flags = (*model_flags, "--prefill-dtype", SERVICE_PREFILL_DTYPE, "--decode-weights", weights)
+    print(f"[services] {weights}: starting the {SERVICE_STACK} stack ...", file=sys.stderr, flush=True)
+    row: dict[str, Any] = {"decode_weights": weights, "prefill_dtype": SERVICE_PREFILL_DTYPE}
+    try:
+        started = time.monotonic()
+        with started_stack(SERVICE_STACK, flags) as (stack, description):
+            row["startup_s"] = time.monotonic() - started
+            state = decode_state(stack)
+            decode_pid = stack.procs["decode"].pid
+            idle = rss_mib(decode_pid)
+            batches = asyncio.run(service_load(stack.address("gateway"), levels))
+            loaded = rss_mib(decode_pid)
+            row.update({
+                "label": state.load.weights, "dtype": state.load.dtype, "weight_bytes": state.load.weight_bytes,
+                "decode_rss_mib_idle": idle["rss_mib"], "decode_rss_mib_loaded": loaded["rss_mib"],
+                "decode_hwm_mib": loaded["hwm_mib"], "decode_memory_mib": {"idle": idle, "loaded": loaded},
+                "stack": description,
+                "levels": [{"concurrency": c, **summarize(batch, Slo(math.inf, math.inf))} for c, batch in batches],
+            })
+    except (RuntimeError, TimeoutError, OSError) as e:  # did not start, warm-up failed, decode exited
+        row["error"] = str(e)
+        print(f"[services] {weights} failed: {e}", file=sys.stderr, flush=True)
+        return row
+    for level in row["levels"]:
+        print(f"[services] {weights} c={level['concurrency']}: {level['num_requests']} requests, "
+              f"{level['num_errors']} errors, {level['output_tokens_per_s']:.1f} tok/s, "
+              f"TPOT p50 {_opt(level['tpot_ms_p50'], '{:.1f}')} ms, "
+              f"{_opt(level['completion_tokens_mean'], '{:.1f}')} tokens/request", file=sys.stderr, flush=True)
+    return row
+
+
+def services_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    model_flags = ("--model", args.model) if args.model else ()
+    rows = [service_row(weights, args.service_levels, model_flags) for weights in args.service_weights]
+    bf16 = next((r for r in rows if r["decode_weights"] == "bf16" and "weight_bytes" in r), None)
+    for row in rows:
+        if bf16 and "weight_bytes" in row:
+            row["weight_bytes_vs_bf16"] = row["weight_bytes"] / bf16["weight_bytes"]
+    return rows
+
+
+def service_failures(rows: list[dict[str, Any]]) -> int:
+    """Formats whose stack failed plus requests that failed."""
+    return sum(1 for r in rows if "error" in r) + sum(lv["num_errors"] for r in rows for lv in r.get("levels", ()))
+
+
 # ---- output -------------------------------------------------------------------------------------
 def markdown(title: str, columns: list[tuple[str, Callable[[dict[str, Any]], str]]], rows: list[dict[str, Any]]) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
@@ -382,6 +513,47 @@ def _quant_time(row: dict[str, Any]) -> str:
     if row["checkpoint"] == "built":
         return f"{row['quantize_s']:.1f} s"
     return row["checkpoint"] or "-"
+
+
+def _level(row: dict[str, Any], which: int, key: str, fmt: str = "{:.1f}") -> str:
+    levels = row.get("levels")
+    return _opt(levels[which][key], fmt) if levels else "-"
+
+
+def _service_level(rows: list[dict[str, Any]], weights: str, which: int) -> dict[str, Any] | None:
+    row = next((r for r in rows if r["decode_weights"] == weights and r.get("levels")), None)
+    return row["levels"][which] if row else None
+
+
+def service_acceptance(rows: list[dict[str, Any]], low: int, high: int) -> list[str]:
+    """Issue 4, acceptance 2, from the services rows (a ratio is '-' when a row is missing)."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    lines = []
+    fp32_lo, int4_lo = _service_level(rows, "fp32", 0), _service_level(rows, "int4-awq", 0)
+    if fp32_lo and int4_lo and fp32_lo["tpot_ms_p50"] and int4_lo["tpot_ms_p50"]:
+        speedup = fp32_lo["tpot_ms_p50"] / int4_lo["tpot_ms_p50"]
+        lines.append(f"- TPOT at c={low}: int4-awq {int4_lo['tpot_ms_p50']:.1f} ms vs fp32 {fp32_lo['tpot_ms_p50']:.1f} ms "
+                     f"= {speedup:.2f}x faster (target >= 2x: {verdict(speedup >= 2)})")
+    else:
+        lines.append(f"- TPOT at c={low}: int4-awq vs fp32 -")
+    bf16_hi, int4_hi = _service_level(rows, "bf16", -1), _service_level(rows, "int4-awq", -1)
+    note = "" if high == 32 else f" [acceptance asks c=32; this run's highest level is c={high}]"
+    if bf16_hi and int4_hi and bf16_hi["output_tokens_per_s"]:
+        ratio = int4_hi["output_tokens_per_s"] / bf16_hi["output_tokens_per_s"]
+        lines.append(f"- output tok/s at c={high}: int4-awq {int4_hi['output_tokens_per_s']:.1f} vs bf16 "
+                     f"{bf16_hi['output_tokens_per_s']:.1f} = {ratio:.2f}x (target >= 0.9x: {verdict(ratio >= 0.9)}){note}")
+    else:
+        lines.append(f"- output tok/s at c={high}: int4-awq vs bf16 -{note}")
+    int4 = next((r for r in rows if r["decode_weights"] == "int4-awq" and "weight_bytes_vs_bf16" in r), None)
+    if int4:
+        ratio = int4["weight_bytes_vs_bf16"]
+        lines.append(f"- decode weight bytes: int4-awq ({int4['label']}) {int4['weight_bytes'] / 2**20:.1f} MiB = "
+                     f"{ratio:.1%} of bf16 (target <= 30%: {verdict(ratio <= 0.30)})")
+    else:
+        lines.append("- decode weight bytes: int4-awq vs bf16 -")
+    return lines
 
 
 def tables(results: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -413,6 +585,26 @@ def tables(results: dict[str, Any], meta: dict[str, Any]) -> str:
         out.append(markdown(f"Prefill -> decode handoff, agreement with fp32 ({prompts})",
                             [("prefill", lambda r: r["prefill"]), ("decode", lambda r: r["decode"]), *agree],
                             results["hybrid"]))
+    if "services" in results:
+        (low, n_low), (high, n_high) = meta["service_levels"][0], meta["service_levels"][-1]
+        rows = results["services"]
+        table = markdown(
+            f"Decode through the services ({SERVICE_STACK} stack, prefill {SERVICE_PREFILL_DTYPE}, decode on one pinned "
+            f"core; closed loop, {n_low} requests at c={low} and {n_high} at c={high}, max_tokens {SERVICE_MAX_TOKENS})",
+            [("decode weights", lambda r: r["decode_weights"]),
+             ("label (load.weights)", lambda r: r.get("label") or f"failed: {r['error'].splitlines()[0][:80]}"),
+             (f"TPOT c={low} p50 ms", lambda r: _level(r, 0, "tpot_ms_p50")),
+             (f"tok/s c={high}", lambda r: _level(r, -1, "output_tokens_per_s")),
+             (f"TPOT c={high} p50 ms", lambda r: _level(r, -1, "tpot_ms_p50")),
+             ("weight MiB", lambda r: _opt(r.get("weight_bytes") and r["weight_bytes"] / 2**20, "{:.1f}")),
+             ("weight vs bf16", lambda r: _opt(r.get("weight_bytes_vs_bf16"), "{:.3f}")),
+             ("decode RSS MiB idle / loaded", lambda r: f"{r['decode_rss_mib_idle']:.0f} / {r['decode_rss_mib_loaded']:.0f}"
+              if "decode_rss_mib_idle" in r else "-"),
+             (f"tokens/request c={low} / c={high}", lambda r: f"{_level(r, 0, 'completion_tokens_mean')} / "
+              f"{_level(r, -1, 'completion_tokens_mean')}"),
+             ("failed requests", lambda r: str(sum(lv["num_errors"] for lv in r.get("levels", ()))))],
+            rows)
+        out.append(table + "\n\nIssue 4, acceptance 2:\n" + "\n".join(service_acceptance(rows, low, high)))
     return "\n\n".join(out)
 
 
@@ -424,12 +616,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="", help="passed as --model to the config; empty = the embedded model")
     p.add_argument("--sections", type=comma_list(str), default=list(SECTIONS), help=",".join(SECTIONS))
-    p.add_argument("--quick", action="store_true", help="smoke run: 512 tokens, 5 prompts, group 64, batches 1,8")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 512 tokens, 5 prompts, group 64, batches 1,8; services 2 requests at c=1, 8 at c=8")
     p.add_argument("--num-tokens", type=int, help="perplexity tokens (default 4096; --quick 512)")
     p.add_argument("--window", type=int, default=512, help="perplexity window")
     p.add_argument("--num-prompts", type=int, help="greedy/hybrid prompts (default 50; --quick 5)")
     p.add_argument("--steps", type=int, help="timed decode steps per batch size (default 10; --quick 5)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for ppl/greedy/hybrid; 0 = every CPU")
+    p.add_argument("--service-weights", type=comma_list(str), default=list(SERVICE_WEIGHTS),
+                   help="decode weight formats of the services section (default: " + ",".join(SERVICE_WEIGHTS) + ")")
     p.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "bench" / "results" / "precision.json")
     args = p.parse_args(argv)
     if unknown := set(args.sections) - set(SECTIONS):
@@ -439,6 +634,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps or (5 if args.quick else 10)
     args.group_sizes = (64,) if args.quick else (32, 64, 128)
     args.batches = [1, 8] if args.quick else [1, 8, 32]
+    args.service_levels = SERVICE_LEVELS_QUICK if args.quick else SERVICE_LEVELS
+    if unknown := set(args.service_weights) - set(cfg.DECODE_WEIGHTS):
+        p.error(f"unknown --service-weights {sorted(unknown)}; choose from {','.join(cfg.DECODE_WEIGHTS)}")
     args.threads = args.threads or len(os.sched_getaffinity(0))
     if args.num_tokens < 2 or args.num_prompts < 1 or args.steps < 1 or args.window < 2:
         p.error("--num-tokens and --window must be >= 2, --num-prompts and --steps >= 1")
@@ -457,6 +655,9 @@ def run_meta(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "new_tokens": NEW_TOKENS,
         "steps": args.steps, "step_batches": args.batches, "step_threads": 1,
         "threads": args.threads,
+        "service_stack": SERVICE_STACK, "service_weights": args.service_weights,
+        "service_prefill_dtype": SERVICE_PREFILL_DTYPE, "service_max_tokens": SERVICE_MAX_TOKENS,
+        "service_levels": [list(level) for level in args.service_levels],
         "torch": torch.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform(),
     }
 
@@ -480,11 +681,16 @@ def main(argv: list[str] | None = None) -> int:
             results["greedy"] = greedy_section(args, models, prompts, reference)
         if "hybrid" in args.sections:
             results["hybrid"] = hybrid_section(args, models, prompts, reference)
+    if "services" in args.sections:
+        results["services"] = services_section(args)
     meta["seconds"] = round(time.monotonic() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, **results}, indent=2) + "\n")
     print(tables(results, meta))
     print(f"\nwrote {args.out} after {meta['seconds']:.0f} s", file=sys.stderr)
+    if failures := service_failures(results.get("services", [])):
+        print(f"services: {failures} failed stacks or requests", file=sys.stderr)
+        return 1
     return 0
 
 

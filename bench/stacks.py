@@ -7,8 +7,9 @@
                  runs both phases (--colocated true), two torch threads, no pinning (one
                  device with both cores).
 
-Every other option keeps its default; the config is built from these flags alone
-(`env={}`), so the caller's EDGELLM_* variables do not change what is measured.
+Every other option keeps its default, unless the caller adds `extra_flags` (bench/precision.py
+sets the precision flags this way); the config is built from these flags alone (`env={}`), so
+the caller's EDGELLM_* variables do not change what is measured.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from edgellm import config as cfg
 from edgellm.launch import Stack, free_port_argv
@@ -30,8 +32,8 @@ STACK_FLAGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def stack_config(name: str) -> cfg.Config:
-    return cfg.parse([*free_port_argv(), *STACK_FLAGS[name]], env={})
+def stack_config(name: str, extra_flags: tuple[str, ...] = ()) -> cfg.Config:
+    return cfg.parse([*free_port_argv(), *STACK_FLAGS[name], *extra_flags], env={})
 
 
 def describe(config: cfg.Config, services: tuple[str, ...]) -> dict[str, Any]:
@@ -47,14 +49,22 @@ def describe(config: cfg.Config, services: tuple[str, ...]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_stack(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield the gateway address and description of a started stack; stop it on the way out.
+def started_stack(name: str, extra_flags: tuple[str, ...] = ()) -> Iterator[tuple[Stack, dict[str, Any]]]:
+    """Yield a started stack (its processes, addresses) and its description; stop it on the way out.
     Raises RuntimeError or TimeoutError (with the service's last log lines) if it does not start."""
-    config = stack_config(name)
+    config = stack_config(name, extra_flags)
     with tempfile.TemporaryDirectory(prefix=f"edgellm-bench-{name}-") as log_dir:
         stack = Stack(config, log_dir=log_dir)
         stack.start_and_wait()  # stops what it started on failure
         try:
-            yield stack.address("gateway"), {"flags": list(STACK_FLAGS[name]), **describe(config, stack.services)}
+            yield stack, {"flags": [*STACK_FLAGS[name], *extra_flags], **describe(config, stack.services)}
         finally:
             stack.stop()
+
+
+@contextlib.contextmanager
+def running_stack(name: str, extra_flags: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield the gateway address and description of a started stack; stop it on the way out.
+    Raises RuntimeError or TimeoutError (with the service's last log lines) if it does not start."""
+    with started_stack(name, extra_flags) as (stack, description):
+        yield stack.address("gateway"), description

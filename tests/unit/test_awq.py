@@ -80,7 +80,7 @@ def test_checkpoint_round_trip_serves_the_same_model(tiny_model_dir, saved):
     assert float(cosine.mean()) > 0.75  # random weights N(0, 0.2): far more fragile than a trained model
     # the tiny model's embedding is untied, so it stays dense bf16; every linear layer is INT4
     embedding = a.embed_tokens.weight.numel() * 2
-    assert a.weight_bytes() - embedding < 0.4 * (load_model(tiny_model_dir, "bf16").model.weight_bytes() - embedding)
+    assert a.weight_bytes() - embedding < 0.5 * (load_model(tiny_model_dir, "bf16").model.weight_bytes() - embedding)
 
 
 def test_a_corrupted_checkpoint_is_rejected(saved, tmp_path):
