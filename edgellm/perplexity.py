@@ -33,7 +33,9 @@ def decode_model(model_cfg: cfg.ModelConfig, num_threads: int = 0) -> LlamaModel
     )
     if settings is None:
         return load_model(model_cfg.model, model_cfg.decode_weights).model
-    return load_int4_model(model_cfg.model, settings, model_cfg.int4_checkpoint, num_threads or torch.get_num_threads()).model
+    return load_int4_model(
+        model_cfg.model, settings, model_cfg.int4_checkpoint, num_threads or torch.get_num_threads()
+    ).model
 
 
 def windows(token_ids: list[int], window: int) -> list[list[int]]:
@@ -46,7 +48,9 @@ def mean_nll(model: LlamaModel, token_ids: list[int], window: int) -> tuple[floa
     total, count = 0.0, 0
     for ids in windows(token_ids, window):
         ids_t = torch.tensor(ids)
-        batch = ForwardBatch(token_ids=ids_t, positions=torch.arange(len(ids)), is_prefill=True, cu_seqlens=[0, len(ids)])
+        batch = ForwardBatch(
+            token_ids=ids_t, positions=torch.arange(len(ids)), is_prefill=True, cu_seqlens=[0, len(ids)]
+        )
         logits = model(batch, None, all_logits=True)
         total += F.cross_entropy(logits[:-1], ids_t[1:], reduction="sum").item()
         count += len(ids) - 1
@@ -83,6 +87,16 @@ def main(argv: list[str]) -> int:
         return 2
     start = time.monotonic()
     nll, count = mean_nll(model, token_ids, args.window)
-    print(json.dumps({"ppl": math.exp(nll), "nll": nll, "tokens": count, "weights": config.model.decode_weights,
-                      "window": args.window, "seconds": round(time.monotonic() - start, 1)}))
+    print(
+        json.dumps(
+            {
+                "ppl": math.exp(nll),
+                "nll": nll,
+                "tokens": count,
+                "weights": config.model.decode_weights,
+                "window": args.window,
+                "seconds": round(time.monotonic() - start, 1),
+            }
+        )
+    )
     return 0

@@ -24,13 +24,7 @@ import torch
 
 from edgellm.engine.kv_cache import ForwardBatch
 from edgellm.engine.model import LlamaModel
-from edgellm.quant.int4 import (
-    QuantizedWeight,
-    dequantize,
-    fit_group_size,
-    group_range,
-    quantize_groups,
-)
+from edgellm.quant.int4 import QuantizedWeight, dequantize, fit_group_size, group_range, quantize_groups
 
 SCALE_GRID = 20  # alpha in 0, 1/20, ..., 19/20 (alpha = 0 is plain round-to-nearest)
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(10))  # shrink each group's range by up to 45 %
@@ -57,11 +51,7 @@ class InputStats:
 
 # The inputs that linear layers share: (site name, module whose input it is, linears reading it).
 SITES = (
-    (
-        "attn_in",
-        "self_attn.q_proj",
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ),
+    ("attn_in", "self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("o_in", "self_attn.o_proj", ("self_attn.o_proj",)),
     ("mlp_in", "mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
     ("down_in", "mlp.down_proj", ("mlp.down_proj",)),
@@ -70,9 +60,7 @@ SITES = (
 
 @torch.inference_mode()
 def collect_stats(
-    model: LlamaModel,
-    windows: list[list[int]],
-    progress: Callable[[Iterable], Iterable] = iter,
+    model: LlamaModel, windows: list[list[int]], progress: Callable[[Iterable], Iterable] = iter
 ) -> dict[str, InputStats]:
     """Run the full-precision model over the calibration windows; return stats keyed by the
     module whose input they describe ("layers.3.mlp.down_proj", ..., "lm_head")."""
@@ -87,10 +75,7 @@ def collect_stats(
     try:
         for ids in progress(windows):
             batch = ForwardBatch(
-                token_ids=torch.tensor(ids),
-                positions=torch.arange(len(ids)),
-                is_prefill=True,
-                cu_seqlens=[0, len(ids)],
+                token_ids=torch.tensor(ids), positions=torch.arange(len(ids)), is_prefill=True, cu_seqlens=[0, len(ids)]
             )
             model(batch, None, all_logits=True)
     finally:
@@ -107,7 +92,8 @@ def outlier_channels(stats: InputStats, count: int) -> torch.Tensor | None:
 
 
 def _fake_quant(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    return dequantize(*quantize_groups(weight, group_size), group_size)
+    g = fit_group_size(weight.shape[1], group_size)  # 576-wide inputs take 64 when 128 is asked
+    return dequantize(*quantize_groups(weight, g), g)
 
 
 def _without(weight: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
@@ -129,11 +115,7 @@ def _masked_hessian(stats: InputStats, channels: torch.Tensor | None) -> torch.T
 
 
 def search_scale(
-    weights: list[torch.Tensor],
-    stats: InputStats,
-    group_size: int,
-    channels: torch.Tensor | None,
-    tie=None,
+    weights: list[torch.Tensor], stats: InputStats, group_size: int, channels: torch.Tensor | None, tie=None
 ) -> torch.Tensor:
     """The per-input-channel scale s minimising sum_W trace(dW H dW^T), dW = Q(W s)/s - W.
 
@@ -158,11 +140,7 @@ def search_scale(
 
 
 def quantize_weight(
-    weight: torch.Tensor,
-    stats: InputStats | None,
-    group_size: int,
-    channels: torch.Tensor | None,
-    clip: bool,
+    weight: torch.Tensor, stats: InputStats | None, group_size: int, channels: torch.Tensor | None, clip: bool
 ) -> QuantizedWeight:
     """INT4 codes for one (already scaled) weight, with per-group clipping chosen on the block
     diagonal of H, and the exact residual of the outlier columns."""
@@ -180,10 +158,7 @@ def quantize_weight(
             err = ((delta @ blocks) * delta).sum(-1).t()  # [N, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = (
-                torch.where(better, lo * ratio, best_lo),
-                torch.where(better, hi * ratio, best_hi),
-            )
+            best_lo, best_hi = (torch.where(better, lo * ratio, best_lo), torch.where(better, hi * ratio, best_hi))
         lo, hi = best_lo, best_hi
     codes, scales, zeros = quantize_groups(w, g, lo, hi)
     residual = None
@@ -225,15 +200,7 @@ def awq_quantize(
         attn, mlp = layer.self_attn, layer.mlp
         channels = {site: outlier_channels(stats[f"layers.{i}.{module}"], num_outliers) for site, module, _ in SITES}
 
-        def scale_for(
-            site: str,
-            module: str,
-            readers: tuple[str, ...],
-            tie=None,
-            i=i,
-            layer=layer,
-            channels=channels,
-        ):
+        def scale_for(site: str, module: str, readers: tuple[str, ...], tie=None, i=i, layer=layer, channels=channels):
             ws = [layer.get_submodule(r).weight.float() for r in readers]
             return search_scale(ws, stats[f"layers.{i}.{module}"], group_size, channels[site], tie)
 
@@ -273,11 +240,7 @@ def awq_quantize(
         # Not scaled: the LM head is tied to the embedding table in SmolLM2. Clipping and outliers only.
         head = stats["lm_head"]
         quantized["lm_head"] = quantize_weight(
-            model.lm_head.weight,
-            head,
-            group_size,
-            outlier_channels(head, num_outliers),
-            clip=True,
+            model.lm_head.weight, head, group_size, outlier_channels(head, num_outliers), clip=True
         )
     return quantized
 

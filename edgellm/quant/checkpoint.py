@@ -60,10 +60,7 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save(
-    path: pathlib.Path,
-    quantized: dict[str, QuantizedWeight],
-    dense: dict[str, torch.Tensor],
-    meta: dict[str, str],
+    path: pathlib.Path, quantized: dict[str, QuantizedWeight], dense: dict[str, torch.Tensor], meta: dict[str, str]
 ) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for name, q in quantized.items():
@@ -71,7 +68,9 @@ def save(
         tensors[f"{name}.scales"] = q.scales.bfloat16().contiguous()
         tensors[f"{name}.zeros"] = q.zeros.bfloat16().contiguous()
         if q.outlier_channels is not None:
-            tensors[f"{name}.outlier_channels"] = q.outlier_channels.long().clone()  # shared by q/k/v: safetensors wants one owner
+            tensors[f"{name}.outlier_channels"] = (
+                q.outlier_channels.long().clone()
+            )  # shared by q/k/v: safetensors wants one owner
             tensors[f"{name}.outlier_residual"] = q.outlier_residual.bfloat16().contiguous()
     for name, t in dense.items():
         tensors[name] = t.detach().contiguous()
@@ -117,10 +116,6 @@ def load(
         residual = tensors.pop(f"{name}.outlier_residual", None)
         codes = unpack_nibbles(tensors.pop(f"{name}.qweight"))
         quantized[name] = QuantizedWeight(
-            codes,
-            tensors.pop(f"{name}.scales").float(),
-            tensors.pop(f"{name}.zeros").float(),
-            channels,
-            residual,
+            codes, tensors.pop(f"{name}.scales").float(), tensors.pop(f"{name}.zeros").float(), channels, residual
         )
     return quantized, tensors, meta

@@ -41,10 +41,7 @@ def group_range(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
 
 
 def quantize_groups(
-    weight: torch.Tensor,
-    group_size: int,
-    lo: torch.Tensor | None = None,
-    hi: torch.Tensor | None = None,
+    weight: torch.Tensor, group_size: int, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [N, K] -> codes uint8 [N, K] in [0, 15], scales and zeros (bf16 values, fp32) [N, K/g].
 
@@ -141,22 +138,16 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.codes.shape
         self.group_size = weight.group_size
-        self.register_buffer(
-            "packed",
-            torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.int(), 1),
-        )
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.int(), 1))
         # The kernel wants [K/g, N, 2]: (scale, zero) per group and output row.
         self.register_buffer(
-            "scales_and_zeros",
-            torch.stack([weight.scales.t(), weight.zeros.t()], -1).bfloat16().contiguous(),
+            "scales_and_zeros", torch.stack([weight.scales.t(), weight.zeros.t()], -1).bfloat16().contiguous()
         )
         self.outlier_channels = weight.outlier_channels
         # [k, N] in fp32 (bf16 values): a k x N product in bf16 takes torch's slow path on CPUs
         # without AMX, 3-4x slower than fp32 here; the side matmul is tiny either way.
         self.outlier_residual_t = (
-            None
-            if weight.outlier_residual is None
-            else weight.outlier_residual.bfloat16().float().t().contiguous()
+            None if weight.outlier_residual is None else weight.outlier_residual.bfloat16().float().t().contiguous()
         )
         block = cpu_pack_block_n()
         self._block_n = block if block is not None and self.out_features % block == 0 else None
@@ -194,12 +185,7 @@ class Int4Linear(nn.Module):
         return rows.bfloat16()
 
     def weight_bytes(self) -> int:
-        tensors = [
-            self.packed,
-            self.scales_and_zeros,
-            self.outlier_residual_t,
-            self._plain_codes,
-        ]
+        tensors = [self.packed, self.scales_and_zeros, self.outlier_residual_t, self._plain_codes]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

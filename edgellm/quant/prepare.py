@@ -22,14 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from edgellm.engine.model import LlamaArch, LlamaModel, rope_inv_freq
-from edgellm.engine.weights import (
-    LoadedModel,
-    cache_dir,
-    file_lock,
-    load_model,
-    read_eos_ids,
-    resolve_model_dir,
-)
+from edgellm.engine.weights import LoadedModel, cache_dir, file_lock, load_model, read_eos_ids, resolve_model_dir
 from edgellm.quant import checkpoint
 from edgellm.quant.apply import apply_int4
 from edgellm.quant.awq import awq_quantize, collect_stats, rtn_quantize
@@ -102,12 +95,7 @@ def build_checkpoint(
         stats = collect_stats(fp, calibration_windows(loaded.path), _progress(progress, "calibration"))
         times["calibration_s"] = time.monotonic() - start
         quantized = awq_quantize(
-            fp,
-            stats,
-            settings.group_size,
-            settings.outliers,
-            settings.lm_head,
-            _progress(progress, "AWQ search"),
+            fp, stats, settings.group_size, settings.outliers, settings.lm_head, _progress(progress, "AWQ search")
         )
     elif settings.method == "rtn":
         quantized = rtn_quantize(fp, settings.group_size, settings.lm_head)
@@ -173,10 +161,7 @@ def load_int4_model(model: str, settings: Int4Settings, path: str = "", num_thre
 
     model_dir = resolve_model_dir(model)
     file = pathlib.Path(path) if path else _prepare_on_worker_thread(model, settings, num_threads)
-    expect = {
-        **settings.metadata(),
-        "source_model": checkpoint.model_fingerprint(model_dir),
-    }
+    expect = {**settings.metadata(), "source_model": checkpoint.model_fingerprint(model_dir)}
     quantized, dense, _ = checkpoint.load(file, expect)
     hf_config = AutoConfig.from_pretrained(model_dir)
     arch = LlamaArch.from_hf(hf_config)

@@ -103,3 +103,11 @@ def test_a_mismatched_checkpoint_is_rejected(tiny_model_dir, saved, tmp_path):
     other = build_tiny_model(str(tmp_path / "other"), num_layers=2)
     with pytest.raises(checkpoint.CheckpointError, match="source_model"):
         load_int4_model(other, SETTINGS, str(saved))
+
+
+def test_awq_at_a_group_size_the_input_width_does_not_divide(calibrated):
+    """128 does not divide the tiny model's 64-wide inputs: those layers use 64, as with RTN."""
+    model, _, stats = calibrated
+    quantized = awq_quantize(copy.deepcopy(model), copy.deepcopy(stats), 128, 0, quantize_lm_head=True)
+    assert quantized["layers.0.self_attn.q_proj"].group_size == 64
+    assert quantized["layers.0.mlp.down_proj"].group_size == 128
