@@ -13,7 +13,7 @@ Five sections, chosen with --sections (default: all):
           and the time to build the INT4 checkpoint ("cached" when it already was; checkpoints
           live in the user's cache directory, see edgellm/quant/prepare.py).
   step    one engine decode step, in-process, on a fresh thread with one torch thread (as the
-          pinned decode service runs; see bench/decode_step.py): 60-token prompts, batch 1, 8
+          pinned decode service runs): 60-token prompts, batch 1, 8
           and 32, for fp32, bf16, int4-awq (default settings) and int4-rtn g64.
   greedy  greedy agreement with fp32: --num-prompts prompts of 60 tokens taken at evenly spaced
           offsets of ../shared/eval/northangerabbey.txt (not the perplexity text), all batched
@@ -95,7 +95,7 @@ SECTIONS = ("ppl", "step", "greedy", "hybrid", "services")
 # gives it no block for the next token), so 64 would fail the hybrid section.
 PROMPT_TOKENS = 60
 NEW_TOKENS = 32  # greedy tokens compared per prompt
-STEP_PROMPT_TOKENS = 60  # decode-step prompts, as bench/decode_step.py
+STEP_PROMPT_TOKENS = 60  # decode-step prompts
 STEP_WARMUP = 3  # untimed decode steps before the timed ones
 BLOCK_SIZE = 16
 
