@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 DTYPES = ("fp32", "bf16", "fp16")
 DECODE_WEIGHTS = ("int4-awq", "int4-rtn", *DTYPES)
+KV_TRANSFER_DTYPES = ("", "fp16", "bf16", "fp32", "int8")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -90,6 +91,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("kv_layers_per_chunk", int, 1, "decoder layers per KV chunk"),
     Option("kv_max_chunk_bytes", int, 1 << 20, "largest KV chunk payload; long prompts are split by token range"),
     Option("kv_wait_timeout_s", float, 30.0, "how long decode waits for a request's KV before failing it"),
+    Option("kv_transfer_dtype", str, "", "KV on the wire: empty = the prefill's dtype, fp16, bf16, fp32, or int8 "
+           "(per-token scales, about half of fp16's bytes)", KV_TRANSFER_DTYPES),
     # monitor
     Option("health_interval_s", float, 0.2, "time between health checks of each service"),
     Option("health_timeout_s", float, 0.3, "deadline of one health check"),
@@ -236,6 +239,7 @@ class TransferConfig:
     kv_layers_per_chunk: int
     kv_max_chunk_bytes: int
     kv_wait_timeout_s: float
+    kv_transfer_dtype: str
 
     def __post_init__(self) -> None:
         if self.kv_layers_per_chunk < 1:
@@ -245,6 +249,8 @@ class TransferConfig:
             raise ValueError("kv_max_chunk_bytes must be between 1 KiB and 3 MiB")
         if self.kv_wait_timeout_s <= 0:
             raise ValueError("kv_wait_timeout_s must be > 0")
+        if self.kv_transfer_dtype not in KV_TRANSFER_DTYPES:
+            raise ValueError(f"kv_transfer_dtype must be one of {KV_TRANSFER_DTYPES}")
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ class KVStore:
                 k_all[layer, :, chunk.token_start : chunk.token_end] = k[i]
                 v_all[layer, :, chunk.token_start : chunk.token_end] = v[i]
                 covered[layer] = chunk.token_end
-            num_bytes += len(chunk.k) + len(chunk.v)
+            num_bytes += codec.wire_bytes(chunk)
         raise codec.ChunkError("stream closed without its closing message")
 
     async def claim(self, request_id: str, timeout_s: float) -> ReceivedKV:

@@ -30,12 +30,14 @@ class KVStreamSender:
         layers_per_chunk: int,
         max_chunk_bytes: int,
         timeout_s: float | None = None,
+        wire_dtype: torch.dtype | None = None,
     ) -> None:
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
         self._num_layers = num_layers
         self._layers_per_chunk = layers_per_chunk
         self._max_chunk_bytes = max_chunk_bytes
+        self._wire_dtype = wire_dtype  # None: the prefill's own dtype
         self._loop = asyncio.get_running_loop()
         self._groups: asyncio.Queue = asyncio.Queue()
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -77,7 +79,8 @@ class KVStreamSender:
             start, group = item
             k = torch.stack([k for k, _ in group])  # [layers, kv_heads, S, D]
             v = torch.stack([v for _, v in group])
-            for chunk in codec.encode(self.request_id, start, k, v, self._max_chunk_bytes, self.num_chunks):
+            chunks = codec.encode(self.request_id, start, k, v, self._max_chunk_bytes, self.num_chunks, self._wire_dtype)
+            for chunk in chunks:
                 chunk.num_prompt_tokens = self.num_prompt_tokens
                 self.num_chunks += 1
                 yield chunk

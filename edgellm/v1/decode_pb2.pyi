@@ -14,13 +14,15 @@ class KVDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_DTYPE_FP32: _ClassVar[KVDtype]
     KV_DTYPE_FP16: _ClassVar[KVDtype]
     KV_DTYPE_BF16: _ClassVar[KVDtype]
+    KV_DTYPE_INT8: _ClassVar[KVDtype]
 KV_DTYPE_UNSPECIFIED: KVDtype
 KV_DTYPE_FP32: KVDtype
 KV_DTYPE_FP16: KVDtype
 KV_DTYPE_BF16: KVDtype
+KV_DTYPE_INT8: KVDtype
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "seq_no", "layer_start", "layer_end", "token_start", "token_end", "dtype", "shape", "k", "v", "crc32", "is_last", "num_chunks", "num_prompt_tokens", "first_token_id")
+    __slots__ = ("request_id", "seq_no", "layer_start", "layer_end", "token_start", "token_end", "dtype", "shape", "k", "v", "crc32", "is_last", "num_chunks", "num_prompt_tokens", "first_token_id", "k_scales", "v_scales", "k_channel_scales", "v_channel_scales")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_NO_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +38,10 @@ class KVChunk(_message.Message):
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    K_SCALES_FIELD_NUMBER: _ClassVar[int]
+    V_SCALES_FIELD_NUMBER: _ClassVar[int]
+    K_CHANNEL_SCALES_FIELD_NUMBER: _ClassVar[int]
+    V_CHANNEL_SCALES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seq_no: int
     layer_start: int
@@ -51,7 +57,11 @@ class KVChunk(_message.Message):
     num_chunks: int
     num_prompt_tokens: int
     first_token_id: int
-    def __init__(self, request_id: _Optional[str] = ..., seq_no: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[_Union[KVDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ..., crc32: _Optional[int] = ..., is_last: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ...) -> None: ...
+    k_scales: bytes
+    v_scales: bytes
+    k_channel_scales: bytes
+    v_channel_scales: bytes
+    def __init__(self, request_id: _Optional[str] = ..., seq_no: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[_Union[KVDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ..., crc32: _Optional[int] = ..., is_last: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ..., k_scales: _Optional[bytes] = ..., v_scales: _Optional[bytes] = ..., k_channel_scales: _Optional[bytes] = ..., v_channel_scales: _Optional[bytes] = ...) -> None: ...
 
 class KVAck(_message.Message):
     __slots__ = ("request_id", "num_chunks", "num_bytes", "first_chunk_received_unix_ns", "last_chunk_received_unix_ns")

@@ -22,6 +22,7 @@ from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.load import engine_load
 from edgellm.rpc.convert import FINISH_TO_WIRE, check_prompt, sampling_from_proto, token_deltas
+from edgellm.transfer import codec
 from edgellm.transfer.sender import KVStreamSender
 from edgellm.v1 import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -55,6 +56,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             self.transfer.kv_layers_per_chunk,
             self.transfer.kv_max_chunk_bytes,
             timeout_s=self.transfer.kv_wait_timeout_s,
+            wire_dtype=codec.TRANSFER_DTYPES.get(self.transfer.kv_transfer_dtype),
         )
         try:
             result = await self.engine.prefill(

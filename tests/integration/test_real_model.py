@@ -148,3 +148,41 @@ def test_the_shipped_hybrid_answers_like_full_precision():
         assert "Paris" in answer.text
     finally:
         stack.stop()
+
+
+async def greedy_answers(address: str) -> list[list[int]]:
+    async with AsyncClient(address, timeout_s=300) as client:
+        answers = await asyncio.gather(*(
+            client.generate_text(messages=[{"role": "user", "content": p}], max_tokens=NUM_TOKENS, temperature=0)
+            for p in PROMPTS
+        ))
+    return [a.token_ids for a in answers]
+
+
+def prefill_kv_bytes(stack, prompt: list[int]) -> int:
+    with grpc.insecure_channel(stack.address("prefill")) as channel:
+        reply = prefill_pb2_grpc.PrefillStub(channel).Prefill(
+            prefill_pb2.PrefillRequest(request_id=f"bytes-{len(prompt)}", prompt_token_ids=prompt,
+                                       sampling=common_pb2.SamplingParams(), decode_address=stack.address("decode"),
+                                       max_new_tokens=2),
+            timeout=60,
+        )
+    return reply.kv.num_bytes
+
+
+def test_int8_kv_transfer_halves_the_bytes_and_keeps_greedy_outputs():
+    """--kv-transfer-dtype int8 against fp16 on the wire (fp32 engines on both sides)."""
+    from tests.conftest import stack_config, start_stack
+
+    model = str(prepare_default_model())
+    answers, kv_bytes = {}, {}
+    for wire in ("fp16", "int8"):
+        stack = start_stack(stack_config(model, kv_transfer_dtype=wire))
+        try:
+            answers[wire] = asyncio.run(greedy_answers(stack.address("gateway")))
+            kv_bytes[wire] = prefill_kv_bytes(stack, list(range(1000, 1300)))
+        finally:
+            stack.stop()
+    assert kv_bytes["int8"] <= 0.55 * kv_bytes["fp16"], kv_bytes
+    matches = sum(a == b for a, b in zip(answers["int8"], answers["fp16"], strict=True))
+    assert matches >= 18, f"{matches}/20 greedy answers equal"

@@ -19,11 +19,11 @@ def prompt_kv(dtype=torch.float32):
     return k, v
 
 
-def stream(k, v, max_bytes=1 << 20, layers_per_chunk=1):
+def stream(k, v, max_bytes=1 << 20, layers_per_chunk=1, wire_dtype=None):
     chunks = []
     for start in range(0, LAYERS, layers_per_chunk):
         sl = slice(start, start + layers_per_chunk)
-        chunks += list(codec.encode("r1", start, k[sl], v[sl], max_bytes, len(chunks)))
+        chunks += list(codec.encode("r1", start, k[sl], v[sl], max_bytes, len(chunks), wire_dtype))
     for c in chunks:
         c.num_prompt_tokens = TOKENS
     last = decode_pb2.KVChunk(
@@ -95,3 +95,41 @@ def test_claim_waits_for_arrival_and_times_out_otherwise():
 
     got, remaining = asyncio.run(scenario())
     assert got.request_id == "r1" and remaining == 0
+
+
+def test_int8_transfer_is_about_half_of_fp16_and_close():
+    g = torch.Generator().manual_seed(1)
+    dim, tokens = 64, 300  # the real model's head_dim; a prompt of a few hundred tokens
+    k = torch.randn(LAYERS, HEADS, tokens, dim, generator=g)
+    k[:, :, :, 5] *= 20  # an outlier channel, as keys have
+    v = torch.randn(LAYERS, HEADS, tokens, dim, generator=g)
+    int8 = stream(k, v, max_bytes=1 << 20, wire_dtype=torch.int8)
+    fp16 = stream(k, v, max_bytes=1 << 20, wire_dtype=torch.float16)
+    ratio = sum(map(codec.wire_bytes, int8)) / sum(map(codec.wire_bytes, fp16))
+    assert ratio <= 0.55
+    for c in int8[:-1]:
+        c.num_prompt_tokens = tokens
+    int8[-1].num_prompt_tokens = tokens
+    got = asyncio.run(KVStore(LAYERS, HEADS, dim, torch.float32, ttl_s=60).receive(feed(int8)))
+    # within half an int8 step of each value's group (after the channel scaling)
+    for name, want, have in (("k", k, got.k), ("v", v, got.v)):
+        channel = want.abs().amax(2, keepdim=True)
+        step = (want / channel).unflatten(-1, (-1, 32)).abs().amax(-1, keepdim=True) / 127
+        bound = (step.expand(-1, -1, -1, -1, 32).flatten(-2) * channel) * 0.51 + 1e-3
+        assert bool(((have - want).abs() <= bound).all()), name
+
+
+def test_int8_chunks_respect_the_size_limit():
+    k, v = prompt_kv()
+    chunks = stream(k, v, max_bytes=1024, wire_dtype=torch.int8)[:-1]
+    assert len(chunks) > LAYERS and all(codec.wire_bytes(c) <= 1024 for c in chunks)
+
+
+@pytest.mark.parametrize("field", ["v_scales", "k_channel_scales"])
+def test_a_corrupted_int8_scale_is_caught_by_the_checksum(field):
+    k, v = prompt_kv()
+    chunks = stream(k, v, wire_dtype=torch.int8)
+    damaged = getattr(chunks[1], field)
+    setattr(chunks[1], field, bytes([damaged[0] ^ 0x01]) + damaged[1:])
+    with pytest.raises(codec.ChunkError, match="checksum"):
+        asyncio.run(new_store().receive(feed(chunks)))
