@@ -32,7 +32,7 @@ def int4_settings(model_cfg: ModelConfig) -> Int4Settings | None:
 
 
 def weights_label(model_cfg: ModelConfig, service: str) -> str:
-    """What `edgellm status` shows as a service's precision, e.g. 'int4-awq g64+8 outliers'."""
+    """What `edgellm status` shows as a service's precision, e.g. 'int4-awq g32+8 outliers'."""
     int4 = int4_settings(model_cfg) if service == "decode" else None
     return int4.label if int4 is not None else model_cfg.dtype_for(service)
 

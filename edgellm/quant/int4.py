@@ -155,12 +155,6 @@ class Int4Linear(nn.Module):
         # not the layout we know, keep a plain copy of the codes instead (more memory, still right).
         self._plain_codes = None if self._block_n is not None else pack_nibbles(weight.codes)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
-        return cls(
-            QuantizedWeight(*quantize_groups(linear.weight.data, fit_group_size(linear.in_features, group_size)))
-        )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -199,15 +193,3 @@ class Int4Embedding(nn.Module):
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.table[0].rows(token_ids.reshape(-1)).to(self.dtype).view(*token_ids.shape, -1)
-
-
-def quantize_model(model: nn.Module, group_size: int) -> dict[int, int]:
-    """Round-to-nearest: replace every nn.Linear by an Int4Linear; return {group size: layers}."""
-    used: dict[int, int] = {}
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    for name, linear in targets:
-        layer = Int4Linear.from_linear(linear, group_size)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
-        used[layer.group_size] = used.get(layer.group_size, 0) + 1
-    return used

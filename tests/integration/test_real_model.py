@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from edgellm.client import AsyncClient, Client
+from edgellm.client import AsyncClient, Client, GenerationError
 from edgellm.engine.weights import prepare_default_model
 from edgellm.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -186,3 +186,21 @@ def test_int8_kv_transfer_halves_the_bytes_and_keeps_greedy_outputs():
     assert kv_bytes["int8"] <= 0.55 * kv_bytes["fp16"], kv_bytes
     matches = sum(a == b for a, b in zip(answers["int8"], answers["fp16"], strict=True))
     assert matches >= 18, f"{matches}/20 greedy answers equal"
+
+
+def test_a_4k_token_prompt_completes_and_an_over_long_one_is_refused(real_stack):
+    """Long prompts end to end: ~4k tokens streamed layer by layer in size-limited token slices,
+    decoded on the decode service; past the model's 8k context: INVALID_ARGUMENT naming it."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).parents[2] / "edgellm" / "quant" / "calibration.txt").read_text()
+    words = (text + "\n\n" + text).split(" ")
+    with Client(real_stack.address("gateway"), timeout_s=300) as client:
+        long = client.generate_text(prompt=" ".join(words[:3000]), max_tokens=8, temperature=0)
+        assert long.prompt_tokens >= 4000 and long.completion_tokens >= 1
+        with pytest.raises(GenerationError) as refused:
+            client.generate_text(prompt=" ".join(words * 2), max_tokens=8)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "8192" in refused.value.details
+    with open(f"{real_stack.log_dir}/decode.log") as f:
+        assert "kv_received" in f.read()  # decoded by the decode service, not degraded
