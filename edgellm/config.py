@@ -93,6 +93,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("kv_wait_timeout_s", float, 30.0, "how long decode waits for a request's KV before failing it"),
     Option("kv_transfer_dtype", str, "", "KV on the wire: empty = the prefill's dtype, fp16, bf16, fp32, or int8 "
            "(per-token scales, about half of fp16's bytes)", KV_TRANSFER_DTYPES),
+    Option("kv_fault_injection", _bool, False, "tests only: damage the KV stream of requests whose id starts with "
+           "kv-fault-<drop|duplicate|reorder|corrupt|cut>- (see edgellm/transfer/faults.py)"),
     # monitor
     Option("health_interval_s", float, 0.2, "time between health checks of each service"),
     Option("health_timeout_s", float, 0.3, "deadline of one health check"),
@@ -240,6 +242,7 @@ class TransferConfig:
     kv_max_chunk_bytes: int
     kv_wait_timeout_s: float
     kv_transfer_dtype: str
+    kv_fault_injection: bool
 
     def __post_init__(self) -> None:
         if self.kv_layers_per_chunk < 1:

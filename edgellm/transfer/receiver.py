@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import torch
+
+from edgellm.logs import bind_request
 from edgellm.transfer import codec
 from edgellm.v1 import decode_pb2
 
@@ -76,6 +78,7 @@ class KVStore:
             first_ns = first_ns or now
             if request_id is None:
                 request_id = chunk.request_id
+                bind_request(request_id)  # the PushKV handler's log lines (a rejection too) name it
             if chunk.request_id != request_id:
                 raise codec.ChunkError(f"chunk for {chunk.request_id!r} inside the stream of {request_id!r}")
             if chunk.seq_no != expected_seq:

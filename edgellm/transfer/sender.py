@@ -14,7 +14,7 @@ from typing import AsyncIterator
 
 import torch
 
-from edgellm.transfer import codec
+from edgellm.transfer import codec, faults
 from edgellm.v1 import decode_pb2, decode_pb2_grpc
 
 _END = object()
@@ -31,6 +31,7 @@ class KVStreamSender:
         max_chunk_bytes: int,
         timeout_s: float | None = None,
         wire_dtype: torch.dtype | None = None,
+        fault: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
@@ -44,7 +45,8 @@ class KVStreamSender:
         self._pending_start = 0
         self.num_chunks = 0
         # Opening the call now means the stream is set up before the first layer is done.
-        self._call = stub.PushKV(self._messages(), timeout=timeout_s)
+        messages = self._messages() if fault is None else faults.damage(self._messages(), fault)
+        self._call = stub.PushKV(messages, timeout=timeout_s)
         self.ack: asyncio.Task[decode_pb2.KVAck] = asyncio.ensure_future(self._call)
 
     def on_layer_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.load import engine_load
 from edgellm.rpc.convert import FINISH_TO_WIRE, check_prompt, sampling_from_proto, token_deltas
-from edgellm.transfer import codec
+from edgellm.transfer import codec, faults
 from edgellm.transfer.sender import KVStreamSender
 from edgellm.v1 import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -57,6 +57,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             self.transfer.kv_max_chunk_bytes,
             timeout_s=self.transfer.kv_wait_timeout_s,
             wire_dtype=codec.TRANSFER_DTYPES.get(self.transfer.kv_transfer_dtype),
+            fault=faults.fault_for(request.request_id) if self.transfer.kv_fault_injection else None,
         )
         try:
             result = await self.engine.prefill(
