@@ -93,6 +93,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("kv_wait_timeout_s", float, 30.0, "how long decode waits for a request's KV before failing it"),
     Option("kv_transfer_dtype", str, "", "KV on the wire: empty = the prefill's dtype, fp16, bf16, fp32, or int8 "
            "(per-token scales, about half of fp16's bytes)", KV_TRANSFER_DTYPES),
+    Option("kv_link_mbps", float, 0.0, "benchmarks: pace KV streams like a link of this many Mbit/s; 0 = as fast as "
+           "the network goes"),
+    Option("kv_send_after_prefill", _bool, False, "benchmarks: send the KV only after the forward pass (the baseline "
+           "layer-wise streaming is measured against)"),
     Option("kv_fault_injection", _bool, False, "tests only: damage the KV stream of requests whose id starts with "
            "kv-fault-<drop|duplicate|reorder|corrupt|cut>- (see edgellm/transfer/faults.py)"),
     # monitor
@@ -242,6 +246,8 @@ class TransferConfig:
     kv_max_chunk_bytes: int
     kv_wait_timeout_s: float
     kv_transfer_dtype: str
+    kv_link_mbps: float
+    kv_send_after_prefill: bool
     kv_fault_injection: bool
 
     def __post_init__(self) -> None:
@@ -252,6 +258,8 @@ class TransferConfig:
             raise ValueError("kv_max_chunk_bytes must be between 1 KiB and 3 MiB")
         if self.kv_wait_timeout_s <= 0:
             raise ValueError("kv_wait_timeout_s must be > 0")
+        if self.kv_link_mbps < 0:
+            raise ValueError("kv_link_mbps must be >= 0")
         if self.kv_transfer_dtype not in KV_TRANSFER_DTYPES:
             raise ValueError(f"kv_transfer_dtype must be one of {KV_TRANSFER_DTYPES}")
 

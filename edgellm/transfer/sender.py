@@ -5,6 +5,11 @@ groups are handed to the event loop at once, where they are encoded and written 
 client-streaming PushKV call. So chunk i is on the wire while layer i+1 computes.
 `finish()` appends the closing message (chunk count, prompt length, first token);
 `ack` resolves with the decode service's KVAck.
+
+For benchmarks: `link_mbps` paces the stream like a link of that bandwidth (a token bucket,
+the portable stand-in for shaping a real interface), and `after_prefill` holds every chunk
+until the forward pass is done: the send-after-prefill baseline layer-wise streaming is
+measured against.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class KVStreamSender:
         timeout_s: float | None = None,
         wire_dtype: torch.dtype | None = None,
         fault: str | None = None,
+        link_mbps: float = 0.0,
+        after_prefill: bool = False,
     ) -> None:
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
@@ -44,6 +51,10 @@ class KVStreamSender:
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_start = 0
         self.num_chunks = 0
+        self._link_bytes_per_s = link_mbps * 1e6 / 8
+        self._link_free_at = 0.0
+        self._after_prefill = after_prefill
+        self._held: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = []
         # Opening the call now means the stream is set up before the first layer is done.
         messages = self._messages() if fault is None else faults.damage(self._messages(), fault)
         self._call = stub.PushKV(messages, timeout=timeout_s)
@@ -57,10 +68,24 @@ class KVStreamSender:
         if len(self._pending) == self._layers_per_chunk or layer == self._num_layers - 1:
             group, start = self._pending, self._pending_start
             self._pending = []
-            self._loop.call_soon_threadsafe(self._groups.put_nowait, (start, group))
+            if self._after_prefill:
+                self._held.append((start, group))
+            else:
+                self._loop.call_soon_threadsafe(self._groups.put_nowait, (start, group))
 
     def finish(self, first_token_id: int) -> None:
+        for item in self._held:  # the send-after-prefill baseline: everything goes now
+            self._groups.put_nowait(item)
+        self._held = []
         self._groups.put_nowait((_END, first_token_id))
+
+    async def _pace(self, num_bytes: int) -> None:
+        """Wait as long as a link of link_mbps would take to carry num_bytes after what it carries already."""
+        if not self._link_bytes_per_s:
+            return
+        now = self._loop.time()
+        self._link_free_at = max(now, self._link_free_at) + num_bytes / self._link_bytes_per_s
+        await asyncio.sleep(self._link_free_at - now)
 
     def abort(self) -> None:
         self._call.cancel()
@@ -85,4 +110,5 @@ class KVStreamSender:
             for chunk in chunks:
                 chunk.num_prompt_tokens = self.num_prompt_tokens
                 self.num_chunks += 1
+                await self._pace(codec.wire_bytes(chunk))
                 yield chunk

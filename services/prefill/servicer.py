@@ -58,6 +58,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             timeout_s=self.transfer.kv_wait_timeout_s,
             wire_dtype=codec.TRANSFER_DTYPES.get(self.transfer.kv_transfer_dtype),
             fault=faults.fault_for(request.request_id) if self.transfer.kv_fault_injection else None,
+            link_mbps=self.transfer.kv_link_mbps,
+            after_prefill=self.transfer.kv_send_after_prefill,
         )
         try:
             result = await self.engine.prefill(
