@@ -90,10 +90,7 @@ PPL_TEXT = EVAL_DIR / "persuasion.txt"
 PROMPT_TEXT = EVAL_DIR / "northangerabbey.txt"
 SECTIONS = ("ppl", "step", "greedy", "hybrid", "services")
 
-# Greedy / hybrid prompt length. Not a multiple of the KV block size on purpose: a staged (FROM_KV)
-# prompt that fills its last block exactly crashes the engine's first decode step (the scheduler
-# gives it no block for the next token), so 64 would fail the hybrid section.
-PROMPT_TOKENS = 60
+PROMPT_TOKENS = 60  # greedy / hybrid prompt length
 NEW_TOKENS = 32  # greedy tokens compared per prompt
 STEP_PROMPT_TOKENS = 60  # decode-step prompts
 STEP_WARMUP = 3  # untimed decode steps before the timed ones
