@@ -22,20 +22,12 @@ import torch.nn.functional as F
 from edgellm import config as cfg
 from edgellm.engine.kv_cache import ForwardBatch
 from edgellm.engine.model import LlamaModel
-from edgellm.engine.weights import load_model
-from edgellm.quant.prepare import Int4Settings, load_int4_model
+from edgellm.engine.setup import load_service_model
 
 
 def decode_model(model_cfg: cfg.ModelConfig, num_threads: int = 0) -> LlamaModel:
     """The model the decode service would run for this configuration."""
-    settings = Int4Settings.from_weights(
-        model_cfg.decode_weights, model_cfg.int4_group_size, model_cfg.int4_outliers, model_cfg.int4_lm_head
-    )
-    if settings is None:
-        return load_model(model_cfg.model, model_cfg.decode_weights).model
-    return load_int4_model(
-        model_cfg.model, settings, model_cfg.int4_checkpoint, num_threads or torch.get_num_threads()
-    ).model
+    return load_service_model(model_cfg, "decode", num_threads or torch.get_num_threads()).model
 
 
 def windows(token_ids: list[int], window: int) -> list[list[int]]:

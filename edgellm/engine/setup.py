@@ -37,15 +37,20 @@ def weights_label(model_cfg: ModelConfig, service: str) -> str:
     return int4.label if int4 is not None else model_cfg.dtype_for(service)
 
 
+def load_service_model(model_cfg: ModelConfig, service: str, num_threads: int) -> LoadedModel:
+    """The model a prefill or decode service runs: INT4 weights for decode when configured
+    (calibrated with num_threads if its checkpoint is not cached yet), else dense weights."""
+    int4 = int4_settings(model_cfg) if service == "decode" else None
+    if int4 is None:  # prefill (and dense decode) keep full precision
+        return load_model(model_cfg.model, model_cfg.dtype_for(service))
+    return load_int4_model(model_cfg.model, int4, model_cfg.int4_checkpoint, num_threads)
+
+
 def build_engine(
     model_cfg: ModelConfig, engine_cfg: EngineConfig, threads: int, service: str
 ) -> tuple[EngineLoop, LoadedModel]:
     num_threads = engine_threads(threads)
-    int4 = int4_settings(model_cfg) if service == "decode" else None
-    if int4 is None:  # prefill (and dense decode) keep full precision
-        loaded = load_model(model_cfg.model, model_cfg.dtype_for(service))
-    else:
-        loaded = load_int4_model(model_cfg.model, int4, model_cfg.int4_checkpoint, num_threads)
+    loaded = load_service_model(model_cfg, service, num_threads)
     a = loaded.model.arch
     dtype = loaded.model.norm.weight.dtype
     block_bytes = PagedKVCache.bytes_per_block(a.num_layers, engine_cfg.kv_block_size, a.num_kv_heads, a.head_dim, dtype)
