@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for mbps in args.links:
         for wire in args.wire:
             for mode, flags in MODES.items():
-                extra = ("--kv-link-mbps", str(mbps), "--kv-transfer-dtype", wire, "--decode-weights", "bf16",
-                         "--kv-wait-timeout-s", "300", *flags)  # a 4k bf16 prefill alone takes ~25 s here
+                extra = ("--kv-link-mbps", str(mbps), "--kv-transfer-dtype", wire, "--decode-weights", "bf16", *flags)
                 with started_stack("disaggregated", extra) as (stack, _):
                     prefill_once(stack, 64, "warm-up")
                     for n in args.prompts:

@@ -90,7 +90,8 @@ OPTIONS: tuple[Option, ...] = (
     # KV transfer
     Option("kv_layers_per_chunk", int, 1, "decoder layers per KV chunk"),
     Option("kv_max_chunk_bytes", int, 1 << 20, "largest KV chunk payload; long prompts are split by token range"),
-    Option("kv_wait_timeout_s", float, 30.0, "how long decode waits for a request's KV before failing it"),
+    Option("kv_wait_timeout_s", float, 30.0, "how long decode waits for a request's KV, and prefill for its "
+           "acknowledgement after the forward pass, before failing it"),
     Option("kv_transfer_dtype", str, "", "KV on the wire: empty = the prefill's dtype, fp16, bf16, fp32, or int8 "
            "(per-token scales, about half of fp16's bytes)", KV_TRANSFER_DTYPES),
     Option("kv_link_mbps", float, 0.0, "benchmarks: pace KV streams like a link of this many Mbit/s; 0 = as fast as "

@@ -10,6 +10,7 @@ healthy: this service prefills and then decodes the request itself.
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 import grpc
@@ -55,7 +56,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             self.num_layers,
             self.transfer.kv_layers_per_chunk,
             self.transfer.kv_max_chunk_bytes,
-            timeout_s=self.transfer.kv_wait_timeout_s,
             wire_dtype=codec.TRANSFER_DTYPES.get(self.transfer.kv_transfer_dtype),
             fault=faults.fault_for(request.request_id) if self.transfer.kv_fault_injection else None,
             link_mbps=self.transfer.kv_link_mbps,
@@ -66,7 +66,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 request.request_id, list(request.prompt_token_ids), sampling, request.max_new_tokens, sender.on_layer_kv
             )
             sender.finish(result.first_token_id)
-            ack = await sender.ack
+            # The deadline starts when the forward pass ends: a long prompt's compute (22 s for 4k
+            # tokens in bf16 on one core here) is not the link's fault.
+            ack = await asyncio.wait_for(sender.ack, self.transfer.kv_wait_timeout_s)
+        except TimeoutError:
+            sender.abort()
+            log.warning("kv_push_timed_out", decode=request.decode_address, timeout_s=self.transfer.kv_wait_timeout_s)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"KV transfer to {request.decode_address} did not finish within "
+                f"{self.transfer.kv_wait_timeout_s:g} s of the forward pass",
+            )
         except grpc.aio.AioRpcError as e:
             log.warning("kv_push_failed", decode=request.decode_address, code=e.code().name, details=e.details())
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer to {request.decode_address} failed: {e.details()}")
