@@ -34,7 +34,6 @@ class KVStreamSender:
         num_layers: int,
         layers_per_chunk: int,
         max_chunk_bytes: int,
-        timeout_s: float | None = None,
         wire_dtype: torch.dtype | None = None,
         fault: str | None = None,
         link_mbps: float = 0.0,
@@ -57,7 +56,8 @@ class KVStreamSender:
         self._held: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = []
         # Opening the call now means the stream is set up before the first layer is done.
         messages = self._messages() if fault is None else faults.damage(self._messages(), fault)
-        self._call = stub.PushKV(messages, timeout=timeout_s)
+        # No gRPC deadline: the forward pass may be long; the caller bounds the wait for `ack`.
+        self._call = stub.PushKV(messages)
         self.ack: asyncio.Task[decode_pb2.KVAck] = asyncio.ensure_future(self._call)
 
     def on_layer_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
