@@ -91,9 +91,12 @@ def outlier_channels(stats: InputStats, count: int) -> torch.Tensor | None:
     return torch.topk(energy, min(count, energy.numel())).indices.sort().values
 
 
-def _fake_quant(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+def _fake_quant(
+    weight: torch.Tensor, group_size: int, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize and dequantize (over [lo, hi] per group when given, else the group's range)."""
     g = fit_group_size(weight.shape[1], group_size)  # 576-wide inputs take 64 when 128 is asked
-    return dequantize(*quantize_groups(weight, g), g)
+    return dequantize(*quantize_groups(weight, g, lo, hi), g)
 
 
 def _without(weight: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
@@ -154,7 +157,7 @@ def quantize_weight(
         best_err = torch.full(lo.shape, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
         for ratio in CLIP_RATIOS:
-            delta = (_clipped(w, g, lo * ratio, hi * ratio) - w).view(n, k // g, g).transpose(0, 1)  # [G, N, g]
+            delta = (_fake_quant(w, g, lo * ratio, hi * ratio) - w).view(n, k // g, g).transpose(0, 1)  # [G, N, g]
             err = ((delta @ blocks) * delta).sum(-1).t()  # [N, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -165,10 +168,6 @@ def quantize_weight(
     if channels is not None:
         residual = (weight.float() - dequantize(codes, scales, zeros, g))[:, channels]
     return QuantizedWeight(codes, scales, zeros, channels, residual)
-
-
-def _clipped(w: torch.Tensor, g: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    return dequantize(*quantize_groups(w, g, lo, hi), g)
 
 
 def _gqa_tie(num_heads: int, num_kv_heads: int, head_dim: int):

@@ -14,6 +14,7 @@ is the full-precision weight minus its INT4 approximation on those channels.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,8 @@ class QuantizedWeight:
         return weight
 
 
-def _cpu_pack_block_n() -> int | None:
+@functools.cache
+def cpu_pack_block_n() -> int | None:
     """How many output rows the CPU packing interleaves, found by asking the packer itself.
 
     The packed layout is [N / B, K, B / 2] bytes, row n's code in the low nibble of byte
@@ -122,13 +124,6 @@ def _rows_from_cpu_pack(packed: torch.Tensor, rows: torch.Tensor, k: int, block:
     return torch.where(high, byte >> 4, byte & 0xF)
 
 
-_BLOCK_N: list[int | None] = []
-
-
-def cpu_pack_block_n() -> int | None:
-    if not _BLOCK_N:
-        _BLOCK_N.append(_cpu_pack_block_n())
-    return _BLOCK_N[0]
 
 
 class Int4Linear(nn.Module):

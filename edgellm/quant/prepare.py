@@ -15,7 +15,6 @@ import ctypes
 import hashlib
 import pathlib
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -85,15 +84,12 @@ def _progress(show: bool, desc: str) -> Callable[[Iterable], Iterable]:
 
 def build_checkpoint(
     model: str, settings: Int4Settings, path: pathlib.Path, progress: bool = False
-) -> dict[str, float]:
-    """Quantize the full-precision model and write the checkpoint; return timings (seconds)."""
+) -> None:
+    """Quantize the full-precision model and write the checkpoint."""
     loaded = load_model(model, "fp32")
     fp = loaded.model
-    times: dict[str, float] = {}
-    start = time.monotonic()
     if settings.method == "awq":
         stats = collect_stats(fp, calibration_windows(loaded.path), _progress(progress, "calibration"))
-        times["calibration_s"] = time.monotonic() - start
         quantized = awq_quantize(
             fp, stats, settings.group_size, settings.outliers, settings.lm_head, _progress(progress, "AWQ search")
         )
@@ -101,7 +97,6 @@ def build_checkpoint(
         quantized = rtn_quantize(fp, settings.group_size, settings.lm_head)
     else:
         raise ValueError(f"unknown INT4 method {settings.method!r} (awq or rtn)")
-    times["total_s"] = time.monotonic() - start
     quantized_modules = set(quantized)
     tied_into_head = fp.arch.tie_word_embeddings and "lm_head" in quantized_modules
     dense = {}
@@ -118,7 +113,6 @@ def build_checkpoint(
         "source_name": loaded.path.name,
     }
     checkpoint.save(path, quantized, dense, meta)
-    return times
 
 
 def prepare_int4(model: str, settings: Int4Settings, progress: bool = False) -> pathlib.Path:
