@@ -110,6 +110,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_queued_requests", int, 256, "requests waiting in the gateway's prefill pool; more get RESOURCE_EXHAUSTED"),
     Option("max_inflight_prefills", int, 8, "requests at prefill services at once (what one prefill batch can take)"),
     Option("request_timeout_s", float, 0.0, "per-request deadline at the gateway; 0 = only the client's deadline"),
+    Option("migrate", _bool, True, "move a request whose service fails (stream error or the monitor's verdict) to "
+           "another one, after the tokens already sent; false ends it with UNAVAILABLE (tests' negative twins)"),
     # process
     Option("log_level", str, "info", "log level", LOG_LEVELS),
 )
@@ -285,6 +287,7 @@ class GatewayConfig:
     max_queued_requests: int
     max_inflight_prefills: int
     request_timeout_s: float
+    migrate: bool
 
     def __post_init__(self) -> None:
         for name in ("default_max_tokens", "max_inflight_prefills"):

@@ -78,8 +78,22 @@ class Stack:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _logs: list[IO] = field(default_factory=list)
 
+    @property
+    def decode_replicas(self) -> dict[str, int]:
+        """Process name -> port of each decode service of a loopback test stack: "decode" for
+        the first of --decode-addrs, then "decode2", ... (empty in colocated mode)."""
+        addresses = self.config.network.decode_addresses
+        return {("decode" if i == 0 else f"decode{i + 1}"): int(a.rsplit(":", 1)[1]) for i, a in enumerate(addresses)}
+
     def address(self, name: str) -> str:
-        return f"127.0.0.1:{service_port(name, self.config)}"
+        port = self.decode_replicas.get(name) or service_port(name, self.config)
+        return f"127.0.0.1:{port}"
+
+    def _command(self, name: str) -> list[str]:
+        if name not in self.decode_replicas:
+            return service_command(name, self.config)
+        command = service_command("decode", self.config) + ["--decode-port", str(self.decode_replicas[name])]
+        return command if name == "decode" else command + ["--decode-metrics-port", "0"]
 
     def start(self, name: str) -> subprocess.Popen:
         stderr = None
@@ -87,7 +101,7 @@ class Stack:
             stderr = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
             self._logs.append(stderr)
         proc = subprocess.Popen(
-            service_command(name, self.config),
+            self._command(name),
             stdout=stderr,
             stderr=stderr,
             env={**os.environ, **(self.env or {})},
@@ -98,8 +112,12 @@ class Stack:
 
     @property
     def services(self) -> tuple[str, ...]:
-        """The services this stack runs: all four, or no decode service in colocated mode."""
-        return tuple(s for s in SERVICES if not (s == "decode" and self.config.network.colocated))
+        """The processes this stack runs: the four services, every decode service of --decode-addrs
+        (none in colocated mode)."""
+        names: list[str] = []
+        for s in SERVICES:
+            names += list(self.decode_replicas) if s == "decode" else [s]
+        return tuple(names)
 
     def start_all(self) -> None:
         for name in self.services:
@@ -154,6 +172,7 @@ class Stack:
             time.sleep(0.1)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to a service (SIGKILL: dead; SIGSTOP: hung, its sockets stay open; SIGCONT)."""
         proc = self.procs[name]
         proc.send_signal(sig)
         if sig in (signal.SIGKILL, signal.SIGTERM):
@@ -161,7 +180,7 @@ class Stack:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every child (gateway first, so no new work arrives), then SIGKILL stragglers."""
-        for name in reversed(SERVICES):
+        for name in reversed(self.services):
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM

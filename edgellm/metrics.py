@@ -23,7 +23,19 @@ PROMPT_TOKENS = Counter("edgellm_prompt_tokens_total", "Prompt tokens of accepte
 GENERATED_TOKENS = Counter("edgellm_generated_tokens_total", "Tokens streamed to clients")
 TTFT = Histogram("edgellm_ttft_seconds", "Time to first token at the gateway", buckets=_LATENCY_BUCKETS)
 TPOT = Histogram("edgellm_tpot_seconds", "Mean time per output token after the first", buckets=_LATENCY_BUCKETS)
-RESUMED = Counter("edgellm_resumed_requests_total", "Requests finished on prefill after their decode path failed")
+# gateway: fault tolerance
+MIGRATIONS = Counter(
+    "edgellm_migrations_total", "In-flight requests moved to another service after theirs failed", ["reason", "to"]
+)
+DEGRADED_REQUESTS = Counter(
+    "edgellm_degraded_requests_total",
+    "Request attempts run whole on one engine because the other phase had no healthy service",
+    ["engine"],
+)
+FAILURES_DETECTED = Counter(
+    "edgellm_failures_detected_total", "Service failures the gateway learned of (monitor verdicts, stream errors)",
+    ["source"],
+)
 # KV transfer
 KV_BYTES_SENT = Counter("edgellm_kv_bytes_sent_total", "KV bytes streamed by prefill")
 KV_BYTES_RECEIVED = Counter("edgellm_kv_bytes_received_total", "KV bytes accepted by decode")

@@ -104,11 +104,19 @@ class EngineLoop:
 
     # ---- asyncio-facing API ----------------------------------------------------------------
     async def prefill(
-        self, request_id: str, token_ids: list[int], sampling: SamplingParams, max_new_tokens: int, on_layer_kv: LayerKVHook
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        on_layer_kv: LayerKVHook,
+        num_generated: int = 0,
     ) -> PrefillResult:
-        """Prefill only: the prompt's K/V go to on_layer_kv layer by layer; returns the first token."""
-        seq = Sequence(request_id, Kind.PREFILL_ONLY, list(token_ids), len(token_ids), sampling, max_new_tokens,
-                       emit=lambda *_: None, on_layer_kv=on_layer_kv)
+        """Prefill only: the K/V of every token goes to on_layer_kv layer by layer; returns the
+        token sampled next (index num_generated: token_ids ends with the tokens a failed decode
+        service already produced, when this is a takeover)."""
+        seq = Sequence(request_id, Kind.PREFILL_ONLY, list(token_ids), len(token_ids) - num_generated, sampling,
+                       max_new_tokens, emit=lambda *_: None, num_generated=num_generated, on_layer_kv=on_layer_kv)
         async for token, finish in self._stream(seq):
             return PrefillResult(token, finish, len(token_ids), seq.forward_start_unix_ns, seq.forward_end_unix_ns)
         raise EngineError(f"prefill of {request_id} produced no token")

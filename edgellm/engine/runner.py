@@ -22,15 +22,15 @@ class ModelRunner:
         """Copy prompt KV received from a prefill service into the sequence's blocks."""
         assert seq.staged_kv is not None
         k, v = seq.staged_kv  # [L, Hkv, T, D]
-        slots = torch.tensor(self.blocks.slots(seq.block_table, 0, seq.num_prompt_tokens))
+        slots = torch.tensor(self.blocks.slots(seq.block_table, 0, seq.num_staged_tokens))
         for layer in range(k.shape[0]):
             self.cache.store(layer, slots, k[layer].transpose(0, 1), v[layer].transpose(0, 1))
         seq.staged_kv = None
-        seq.num_cached_tokens = seq.num_prompt_tokens
+        seq.num_cached_tokens = seq.num_staged_tokens
 
     def prefill(self, seqs: list[Sequence]) -> list[int | None]:
-        """One packed forward over whole prompts. Returns the sampled first token of each
-        sequence that has not generated yet; None for recomputes (their next token is known)."""
+        """One packed forward over whole prompts. Returns the token sampled for each sequence
+        (index num_generated); None for recomputes (their next token is known)."""
         token_ids, positions, slots, cu_seqlens = [], [], [], [0]
         for seq in seqs:
             ids = seq.prefill_token_ids
@@ -59,7 +59,7 @@ class ModelRunner:
         for seq, row in zip(seqs, logits):
             seq.forward_start_unix_ns, seq.forward_end_unix_ns = start_ns, end_ns
             seq.num_cached_tokens = len(seq.prefill_token_ids) if seq.kind is not Kind.PREFILL_ONLY else 0
-            firsts.append(sample(row, seq.sampling, index=seq.num_generated) if seq.num_generated == 0 else None)
+            firsts.append(sample(row, seq.sampling, index=seq.num_generated) if seq.samples_after_prefill else None)
         return firsts
 
     def decode(self, seqs: list[Sequence]) -> list[int]:

@@ -87,14 +87,14 @@ class Scheduler:
     def _admit_staged(self, out: SchedulerOutput) -> None:
         for seq in [s for s in self.waiting if s.staged_kv is not None]:
             # +1: room for the token the next decode step feeds
-            if len(self.running) >= self.max_running or not self.blocks.can_allocate(seq.num_prompt_tokens + 1):
+            if len(self.running) >= self.max_running or not self.blocks.can_allocate(seq.num_staged_tokens + 1):
                 break
             self.waiting.remove(seq)
-            seq.block_table = self.blocks.allocate(seq.num_prompt_tokens)
+            seq.block_table = self.blocks.allocate(seq.num_staged_tokens)
             # The runner copies the staged KV in before this step's decode, which then writes
-            # position num_prompt_tokens: count those tokens now, so _schedule_decodes adds a
-            # block when the prompt fills its last one exactly.
-            seq.num_cached_tokens = seq.num_prompt_tokens
+            # position num_staged_tokens: count those tokens now, so _schedule_decodes adds a
+            # block when the staged KV fills its last one exactly.
+            seq.num_cached_tokens = seq.num_staged_tokens
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.admitted_from_kv.append(seq)

@@ -73,4 +73,17 @@ class Sequence:
     @property
     def prefill_token_ids(self) -> list[int]:
         # After a preemption the last sampled token has no KV yet and is fed by the next decode step.
-        return self.token_ids if self.num_generated == 0 else self.token_ids[:-1]
+        # A PREFILL_ONLY takeover (num_generated > 0) runs every token: its KV goes to decode whole.
+        if self.num_generated == 0 or self.kind is Kind.PREFILL_ONLY:
+            return self.token_ids
+        return self.token_ids[:-1]
+
+    @property
+    def samples_after_prefill(self) -> bool:
+        """Whether the prefill forward pass samples a token (False: a recompute, its next input is known)."""
+        return self.num_generated == 0 or self.kind is Kind.PREFILL_ONLY
+
+    @property
+    def num_staged_tokens(self) -> int:
+        # Staged KV covers every token but the last, which the prefill service sampled.
+        return self.num_tokens - 1

@@ -17,6 +17,9 @@ FINISH_TO_WIRE = {
     "error": common_pb2.FINISH_REASON_ERROR,
 }
 WIRE_TO_FINISH = {v: k for k, v in FINISH_TO_WIRE.items()}
+# Trailing metadata of a failed Prefill call naming the service at fault (its decode service):
+# the gateway then avoids that one, not the prefill service.
+FAILED_SERVICE_KEY = "edgellm-failed-service"
 
 
 def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:

@@ -4,7 +4,8 @@ Off unless the prefill service runs with --kv-fault-injection true; then a reque
 starts with `kv-fault-<kind>-` has its PushKV stream damaged that way at chunk 1: a chunk
 dropped, sent twice, swapped with the next, one bit of its K flipped, or the stream ended
 there without its closing message. The decode side must reject the stream and the gateway
-must finish the request elsewhere, with the same text and no error.
+must send it again (a retry's upstream id carries an attempt suffix and is left alone), so
+the client gets the same text and no error.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ PREFIX = "kv-fault-"
 
 
 def fault_for(request_id: str) -> str | None:
-    if not request_id.startswith(PREFIX):
+    # Only a request's first attempt is damaged: the gateway's retry ("<id>/2") must get through.
+    if not request_id.startswith(PREFIX) or "/" in request_id:
         return None
     kind = request_id.removeprefix(PREFIX).split("-", 1)[0]
     return kind if kind in FAULTS else None

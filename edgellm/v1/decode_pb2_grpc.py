@@ -45,6 +45,11 @@ class DecodeStub:
                 request_serializer=edgellm_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=edgellm_dot_v1_dot_common__pb2.TokenDelta.FromString,
                 _registered_method=True)
+        self.GenerateLocal = channel.unary_stream(
+                '/edgellm.v1.Decode/GenerateLocal',
+                request_serializer=edgellm_dot_v1_dot_common__pb2.GenerateLocalRequest.SerializeToString,
+                response_deserializer=edgellm_dot_v1_dot_common__pb2.TokenDelta.FromString,
+                _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/edgellm.v1.Decode/GetLoad',
                 request_serializer=edgellm_dot_v1_dot_common__pb2.GetLoadRequest.SerializeToString,
@@ -68,6 +73,13 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateLocal(self, request, context):
+        """No prefill service is healthy: prefill and decode the request here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetLoad(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -85,6 +97,11 @@ def add_DecodeServicer_to_server(servicer, server):
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
                     request_deserializer=edgellm_dot_v1_dot_decode__pb2.DecodeRequest.FromString,
+                    response_serializer=edgellm_dot_v1_dot_common__pb2.TokenDelta.SerializeToString,
+            ),
+            'GenerateLocal': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateLocal,
+                    request_deserializer=edgellm_dot_v1_dot_common__pb2.GenerateLocalRequest.FromString,
                     response_serializer=edgellm_dot_v1_dot_common__pb2.TokenDelta.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
@@ -146,6 +163,33 @@ class Decode:
             target,
             '/edgellm.v1.Decode/Decode',
             edgellm_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
+            edgellm_dot_v1_dot_common__pb2.TokenDelta.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateLocal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgellm.v1.Decode/GenerateLocal',
+            edgellm_dot_v1_dot_common__pb2.GenerateLocalRequest.SerializeToString,
             edgellm_dot_v1_dot_common__pb2.TokenDelta.FromString,
             options,
             channel_credentials,

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from edgellm.v1 import common_pb2 as edgellm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gellm/v1/monitor.proto\x12\nedgellm.v1\x1a\x17\x65\x64gellm/v1/common.proto\"\xb2\x01\n\x0cServiceState\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.edgellm.v1.ServiceRole\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x1c\n\x14\x63onsecutive_failures\x18\x04 \x01(\r\x12\x1b\n\x13last_change_unix_ms\x18\x05 \x01(\x03\x12\x1e\n\x04load\x18\x06 \x01(\x0b\x32\x10.edgellm.v1.Load\"\xa3\x01\n\nRouteTable\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.edgellm.v1.RouteMode\x12\x19\n\x11prefill_addresses\x18\x03 \x03(\t\x12\x18\n\x10\x64\x65\x63ode_addresses\x18\x04 \x03(\t\x12*\n\x08services\x18\x05 \x03(\x0b\x32\x18.edgellm.v1.ServiceState\"%\n\x12WatchRoutesRequest\x12\x0f\n\x07watcher\x18\x01 \x01(\t\"\x12\n\x10GetStatusRequest*q\n\tRouteMode\x12\x1a\n\x16ROUTE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11ROUTE_MODE_NORMAL\x10\x01\x12\x17\n\x13ROUTE_MODE_DEGRADED\x10\x02\x12\x18\n\x14ROUTE_MODE_COLOCATED\x10\x03\x32\x95\x01\n\x07Monitor\x12G\n\x0bWatchRoutes\x12\x1e.edgellm.v1.WatchRoutesRequest\x1a\x16.edgellm.v1.RouteTable0\x01\x12\x41\n\tGetStatus\x12\x1c.edgellm.v1.GetStatusRequest\x1a\x16.edgellm.v1.RouteTableb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gellm/v1/monitor.proto\x12\nedgellm.v1\x1a\x17\x65\x64gellm/v1/common.proto\"\xb2\x01\n\x0cServiceState\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.edgellm.v1.ServiceRole\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x1c\n\x14\x63onsecutive_failures\x18\x04 \x01(\r\x12\x1b\n\x13last_change_unix_ms\x18\x05 \x01(\x03\x12\x1e\n\x04load\x18\x06 \x01(\x0b\x32\x10.edgellm.v1.Load\"\xa3\x01\n\nRouteTable\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.edgellm.v1.RouteMode\x12\x19\n\x11prefill_addresses\x18\x03 \x03(\t\x12\x18\n\x10\x64\x65\x63ode_addresses\x18\x04 \x03(\t\x12*\n\x08services\x18\x05 \x03(\x0b\x32\x18.edgellm.v1.ServiceState\"%\n\x12WatchRoutesRequest\x12\x0f\n\x07watcher\x18\x01 \x01(\t\"\x12\n\x10GetStatusRequest*\x8c\x01\n\tRouteMode\x12\x1a\n\x16ROUTE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11ROUTE_MODE_NORMAL\x10\x01\x12\x17\n\x13ROUTE_MODE_DEGRADED\x10\x02\x12\x18\n\x14ROUTE_MODE_COLOCATED\x10\x03\x12\x19\n\x15ROUTE_MODE_NO_PREFILL\x10\x04\x32\x95\x01\n\x07Monitor\x12G\n\x0bWatchRoutes\x12\x1e.edgellm.v1.WatchRoutesRequest\x1a\x16.edgellm.v1.RouteTable0\x01\x12\x41\n\tGetStatus\x12\x1c.edgellm.v1.GetStatusRequest\x1a\x16.edgellm.v1.RouteTableb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgellm.v1.monitor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTEMODE']._serialized_start=471
-  _globals['_ROUTEMODE']._serialized_end=584
+  _globals['_ROUTEMODE']._serialized_start=472
+  _globals['_ROUTEMODE']._serialized_end=612
   _globals['_SERVICESTATE']._serialized_start=66
   _globals['_SERVICESTATE']._serialized_end=244
   _globals['_ROUTETABLE']._serialized_start=247
@@ -42,6 +42,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHROUTESREQUEST']._serialized_end=449
   _globals['_GETSTATUSREQUEST']._serialized_start=451
   _globals['_GETSTATUSREQUEST']._serialized_end=469
-  _globals['_MONITOR']._serialized_start=587
-  _globals['_MONITOR']._serialized_end=736
+  _globals['_MONITOR']._serialized_start=615
+  _globals['_MONITOR']._serialized_end=764
 # @@protoc_insertion_point(module_scope)

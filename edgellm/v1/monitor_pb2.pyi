@@ -14,10 +14,12 @@ class RouteMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROUTE_MODE_NORMAL: _ClassVar[RouteMode]
     ROUTE_MODE_DEGRADED: _ClassVar[RouteMode]
     ROUTE_MODE_COLOCATED: _ClassVar[RouteMode]
+    ROUTE_MODE_NO_PREFILL: _ClassVar[RouteMode]
 ROUTE_MODE_UNSPECIFIED: RouteMode
 ROUTE_MODE_NORMAL: RouteMode
 ROUTE_MODE_DEGRADED: RouteMode
 ROUTE_MODE_COLOCATED: RouteMode
+ROUTE_MODE_NO_PREFILL: RouteMode
 
 class ServiceState(_message.Message):
     __slots__ = ("address", "role", "healthy", "consecutive_failures", "last_change_unix_ms", "load")

@@ -42,7 +42,7 @@ class PrefillStub:
                 _registered_method=True)
         self.GenerateLocal = channel.unary_stream(
                 '/edgellm.v1.Prefill/GenerateLocal',
-                request_serializer=edgellm_dot_v1_dot_prefill__pb2.GenerateLocalRequest.SerializeToString,
+                request_serializer=edgellm_dot_v1_dot_common__pb2.GenerateLocalRequest.SerializeToString,
                 response_deserializer=edgellm_dot_v1_dot_common__pb2.TokenDelta.FromString,
                 _registered_method=True)
         self.GetLoad = channel.unary_unary(
@@ -83,7 +83,7 @@ def add_PrefillServicer_to_server(servicer, server):
             ),
             'GenerateLocal': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateLocal,
-                    request_deserializer=edgellm_dot_v1_dot_prefill__pb2.GenerateLocalRequest.FromString,
+                    request_deserializer=edgellm_dot_v1_dot_common__pb2.GenerateLocalRequest.FromString,
                     response_serializer=edgellm_dot_v1_dot_common__pb2.TokenDelta.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
@@ -144,7 +144,7 @@ class Prefill:
             request,
             target,
             '/edgellm.v1.Prefill/GenerateLocal',
-            edgellm_dot_v1_dot_prefill__pb2.GenerateLocalRequest.SerializeToString,
+            edgellm_dot_v1_dot_common__pb2.GenerateLocalRequest.SerializeToString,
             edgellm_dot_v1_dot_common__pb2.TokenDelta.FromString,
             options,
             channel_credentials,

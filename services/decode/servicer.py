@@ -7,6 +7,8 @@ timestamps so overlap with prefill can be measured.
 Decode(request): claims the request's KV (waiting for it if it is still arriving), joins
 the engine's running batch and streams tokens 2, 3, ... back to the gateway. A client
 that goes away removes the sequence at the next step.
+
+GenerateLocal(request): no prefill service is healthy, so this service prefills too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from edgellm.engine.loop import EngineLoop
 from edgellm.logs import bind_request
 from edgellm.rpc.load import engine_load
 from edgellm.rpc.convert import sampling_from_proto, token_deltas
+from edgellm.rpc.local import generate_local
 from edgellm.transfer.codec import ChunkError
 from edgellm.transfer.receiver import KVStore
 from edgellm.v1 import common_pb2, decode_pb2, decode_pb2_grpc
@@ -59,8 +62,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.TokenDelta]:
         bind_request(request.request_id)
-        if request.max_new_tokens < 2:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be >= 2 (prefill makes the first)")
+        if request.max_new_tokens < request.num_generated + 2:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "max_new_tokens must be >= num_generated + 2 (prefill samples the next token)",
+            )
         try:
             received = await self.store.claim(request.request_id, self.transfer.kv_wait_timeout_s)
         except asyncio.TimeoutError:
@@ -73,15 +79,23 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt_token_ids has {len(request.prompt_token_ids)} tokens, the KV {received.num_prompt_tokens}",
             )
+        if request.num_generated >= len(request.prompt_token_ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_generated must be < len(prompt_token_ids)")
         tokens = self.engine.generate(
             request.request_id,
             [*request.prompt_token_ids, received.first_token_id],
             sampling_from_proto(request.sampling),
             request.max_new_tokens,
-            num_generated=1,
+            num_generated=request.num_generated + 1,
             staged_kv=(received.k, received.v),
         )
         async for delta in token_deltas(request.request_id, tokens, context):
+            yield delta
+
+    async def GenerateLocal(
+        self, request: common_pb2.GenerateLocalRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.TokenDelta]:
+        async for delta in generate_local(self.engine, request, context):
             yield delta
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:

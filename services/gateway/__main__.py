@@ -37,6 +37,10 @@ async def run(config: cfg.Config) -> None:
                       lambda: pools.num_prefill_waiting)
         metrics.gauge("edgellm_prefill_pool_inflight", "Requests at prefill services", lambda: pools.num_prefilling)
         metrics.gauge("edgellm_decode_pool_streams", "Requests streaming from decode pools", lambda: pools.num_decoding)
+        metrics.gauge("edgellm_route_table_version", "Version of the monitor's route table in force here",
+                      lambda: router.table.version)
+        metrics.gauge("edgellm_route_mode", "Routing mode in force here (1 normal, 2 degraded, 3 colocated, "
+                      "4 no prefill)", lambda: router.mode)
         metrics.serve_metrics(net.gateway_metrics_port, net.host)
         servicer = GatewayServicer(tokenizer, max_context, router, pools, channels, config.gateway)
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)

@@ -73,12 +73,9 @@ class Pools:
     def leave_decode(self, address: str) -> None:
         self.decoding[address] -= 1
 
-    def pick_decode(self, table: monitor_pb2.RouteTable) -> str | None:
-        """The least loaded healthy decode service, or None if there is none."""
+    def pick_decode(self, candidates: list[str], table: monitor_pb2.RouteTable) -> str:
+        """The least loaded of the candidate decode services (by the table's heartbeat loads)."""
         loads = {s.address: s.load for s in table.services}
-        candidates = list(table.decode_addresses)
-        if not candidates:
-            return None
 
         def key(address: str) -> tuple[int, int]:
             load = loads.get(address)

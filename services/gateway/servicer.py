@@ -5,18 +5,27 @@ Lifecycle of a request:
   prefill pool (pools.py: bounded queue, deadline) -> route (monitor's table) ->
   NORMAL: Prefill on a prefill service, which streams the KV to the least loaded decode
   service and returns the first token; the request moves to that decode pool and Decode
-  streams the rest. DEGRADED/COLOCATED: GenerateLocal on a prefill service does both.
+  streams the rest. DEGRADED/COLOCATED: GenerateLocal on a prefill service does both;
+  NO_PREFILL: GenerateLocal on a decode service.
   Token ids become text deltas (TextStream); the last message carries finish_reason,
   usage and timings. A client that cancels cancels the upstream calls, which frees the
   request's KV blocks at the engine's next step.
-If the decode path fails (the service died before the monitor noticed), the request is
-finished by GenerateLocal on the prefill service, resuming after the tokens already sent:
-the client sees one uninterrupted stream.
+
+Migration: the gateway keeps each request's prompt and the tokens it has streamed. When a
+service on its path fails (a stream error, or the monitor marking it down, whichever comes
+first) the request is re-submitted elsewhere with prompt + streamed tokens and
+num_generated set, so the next token is token index num_generated, sampled with the same
+seed: the client's stream goes on with no gap and no repeat. Where it goes: another decode
+service (re-prefilled on a prefill service, which streams the KV there), or, with no other
+decode service, the prefill service decodes too (degraded). A damaged KV stream (DATA_LOSS)
+is sent once more to the same decode service. `--migrate false` ends such a request with
+UNAVAILABLE instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 import uuid
@@ -30,15 +39,15 @@ from edgellm import metrics
 from edgellm.config import GatewayConfig
 from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
-from edgellm.rpc.convert import WIRE_TO_FINISH
-from edgellm.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from edgellm.rpc.convert import FAILED_SERVICE_KEY, WIRE_TO_FINISH
+from edgellm.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, monitor_pb2
 from edgellm.v1 import prefill_pb2, prefill_pb2_grpc
 from services.gateway.pools import AdmissionError, Pools
 from services.gateway.router import NoRoute, Route, Router
 from services.gateway.text import TextStream
 
 log = structlog.get_logger(__name__)
-# Upstream failures after which the request is resumed on the prefill service.
+# Upstream failures a request survives by moving elsewhere; other codes go to the client.
 RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.FAILED_PRECONDITION,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -53,6 +62,7 @@ class Request:
     max_new_tokens: int
     deadline: float | None  # time.monotonic() value, or None
     generated: list[int] = field(default_factory=list)
+    decode_pool: str | None = None  # the service streaming its tokens, once past the prefill pool
 
     def timeout(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -142,24 +152,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except AdmissionError as e:
             log.warning("request_refused", code=e.code.name, reason=e.message)
             await context.abort(e.code, e.message)
-        decode_pool: str | None = None  # set once the request has moved to a decode pool
+        log.info("request_accepted", num_prompt_tokens=len(prompt_ids), max_new_tokens=req.max_new_tokens)
         try:
-            try:
-                route = self.router.pick(self.pools.pick_decode)
-            except NoRoute as e:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-            log.info("request_accepted", num_prompt_tokens=len(prompt_ids), max_new_tokens=req.max_new_tokens,
-                     prefill=route.prefill, decode=route.decode)
             text = TextStream(self.tokenizer, list(request.stop))
             finish = "length"
             first_token_at = None
-            tokens = self._tokens(req, route, context)
+            tokens = self._tokens(req, context)
             async for token, token_finish in tokens:
-                if first_token_at is None:  # prefill done: from the prefill pool to a decode pool
+                if first_token_at is None:
                     first_token_at = time.monotonic()
-                    self.pools.leave_prefill()
-                    decode_pool = route.decode or route.prefill
-                    self.pools.enter_decode(decode_pool)
                 req.generated.append(token)
                 delta = text.add(token)
                 if text.stopped:
@@ -172,10 +173,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     break
             await tokens.aclose()  # a stop string ends it early: cancels the upstream stream
         finally:
-            if decode_pool is None:
+            if req.decode_pool is None:
                 self.pools.leave_prefill()
             else:
-                self.pools.leave_decode(decode_pool)
+                self.pools.leave_decode(req.decode_pool)
 
         num_generated = len(req.generated)
         done = time.monotonic()
@@ -195,43 +196,113 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             timings=gateway_pb2.Timings(ttft_ms=ttft, tpot_ms=tpot),
         )
 
-    async def _tokens(
-        self, req: Request, route: Route, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[tuple[int, str | None]]:
-        """(token, finish_reason or None) from wherever the route says, resuming once on a decode failure."""
-        prefill = prefill_pb2_grpc.PrefillStub(self.channels.get(route.prefill))
-        try:
-            if route.decode is not None:
-                try:
-                    async for item in self._disaggregated(req, route.decode, prefill):
-                        yield item
-                    return
-                except grpc.aio.AioRpcError as e:
-                    if e.code() not in RESUMABLE:
-                        raise
-                    metrics.RESUMED.inc()
-                    log.warning("decode_path_failed", decode=route.decode, code=e.code().name, details=e.details(),
-                                num_sent=len(req.generated))
-            async for item in self._local(req, prefill):
-                yield item
-        except grpc.aio.AioRpcError as e:
-            log.warning("upstream_failed", code=e.code().name, details=e.details())
-            passed_on = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         grpc.StatusCode.DEADLINE_EXCEEDED)
-            code = e.code() if e.code() in passed_on else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"generation failed upstream: {e.details()}")
+    # ---- routing and migration -------------------------------------------------------------
+    async def _tokens(self, req: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[int, str | None]]:
+        """(token, finish_reason or None) from wherever the routes say, moving the request
+        when a service on its path fails."""
+        avoid: set[str] = set()  # services that failed this request
+        resent = False
+        for attempt in itertools.count(1):
+            try:
+                route = self.router.pick(self.pools.pick_decode, avoid)
+            except NoRoute as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            if not route.is_split and self.router.mode != monitor_pb2.ROUTE_MODE_COLOCATED:
+                metrics.DEGRADED_REQUESTS.labels("prefill" if route.decode is None else "decode").inc()
+            log.info("routed", attempt=attempt, prefill=route.prefill, decode=route.decode, num_sent=len(req.generated))
+            streaming = route.decode or route.prefill
+            try:
+                async for item in self._until_down(self._attempt(req, route, attempt), route):
+                    if req.decode_pool != streaming:
+                        self._into_decode_pool(req, streaming)
+                    yield item
+                return
+            except PathFailed as e:
+                log.warning("path_failed", failed=e.failed, reason=e.reason, details=e.details, num_sent=len(req.generated))
+                if e.reason == "stream_error" and e.failed is not None:
+                    metrics.FAILURES_DETECTED.labels("stream").inc()
+                if not self.cfg.migrate:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"generation failed upstream: {e.details}")
+                if e.failed is None and resent:  # a second damaged KV stream: stop using that decode service
+                    e.failed = route.decode
+                resent = resent or e.failed is None
+                if e.failed is not None:
+                    avoid.add(e.failed)
+                metrics.MIGRATIONS.labels(e.reason, "decode" if self._has_decode(avoid) else "prefill").inc()
+            except grpc.aio.AioRpcError as e:  # the request itself was refused or ran out of time
+                log.warning("upstream_failed", code=e.code().name, details=e.details())
+                await context.abort(e.code(), f"generation failed upstream: {e.details()}")
 
-    async def _disaggregated(self, req: Request, decode_address: str, prefill: prefill_pb2_grpc.PrefillStub):
-        reply = await prefill.Prefill(
-            prefill_pb2.PrefillRequest(
-                request_id=req.request_id,
-                prompt_token_ids=req.prompt_token_ids,
-                sampling=req.sampling,
-                decode_address=decode_address,
-                max_new_tokens=req.max_new_tokens,
-            ),
-            timeout=req.timeout(),
-        )
+    def _has_decode(self, avoid: set[str]) -> bool:
+        return any(a not in avoid for a in self.router.table.decode_addresses) and self.router.mode in (
+            monitor_pb2.ROUTE_MODE_NORMAL, monitor_pb2.ROUTE_MODE_NO_PREFILL)
+
+    def _into_decode_pool(self, req: Request, address: str) -> None:
+        """First token: from the prefill pool to a decode pool; after a migration, to the new one."""
+        if req.decode_pool is None:
+            self.pools.leave_prefill()
+        else:
+            self.pools.leave_decode(req.decode_pool)
+        self.pools.enter_decode(address)
+        req.decode_pool = address
+
+    async def _until_down(self, items: AsyncIterator[tuple[int, str | None]], route: Route):
+        """items, until the monitor marks a service of `route` down: then PathFailed. A hung
+        service (SIGSTOP, a cut link) keeps its TCP connection open and never fails a stream."""
+        signals = {asyncio.ensure_future(self.router.down_signal(a).wait()): a for a in (route.prefill, route.decode) if a}
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(items))
+                done, _ = await asyncio.wait([step, *signals], return_when=asyncio.FIRST_COMPLETED)
+                if step not in done:
+                    step.cancel()  # cancels the upstream call
+                    await asyncio.wait([step])
+                    down = signals[next(iter(done))]
+                    raise PathFailed(down, "monitor_verdict", f"the monitor marked {down} down")
+                try:
+                    item = step.result()
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            for signal in signals:
+                signal.cancel()
+            await items.aclose()
+
+    def _attempt(self, req: Request, route: Route, attempt: int) -> AsyncIterator[tuple[int, str | None]]:
+        # Each attempt has its own upstream id: a decode service never mixes KV of two attempts.
+        upstream_id = req.request_id if attempt == 1 else f"{req.request_id}/{attempt}"
+        if route.is_split:
+            return self._split(req, upstream_id, route.prefill, route.decode)
+        if route.prefill is not None:
+            return self._local(req, upstream_id, route.prefill, prefill_pb2_grpc.PrefillStub)
+        return self._local(req, upstream_id, route.decode, decode_pb2_grpc.DecodeStub)
+
+    async def _split(self, req: Request, upstream_id: str, prefill_address: str, decode_address: str):
+        """Prefill there (it streams the KV to decode_address), then decode here."""
+        # After a migration, what the client already has is context. Both are fixed now: the
+        # caller appends each token this yields to req.generated.
+        tokens, num_generated = req.prompt_token_ids + req.generated, len(req.generated)
+        prefill = prefill_pb2_grpc.PrefillStub(self.channels.get(prefill_address))
+        try:
+            reply = await prefill.Prefill(
+                prefill_pb2.PrefillRequest(
+                    request_id=upstream_id,
+                    prompt_token_ids=tokens,
+                    sampling=req.sampling,
+                    decode_address=decode_address,
+                    max_new_tokens=req.max_new_tokens,
+                    num_generated=num_generated,
+                ),
+                timeout=req.timeout(),
+            )
+        except grpc.aio.AioRpcError as e:
+            blamed = dict(e.trailing_metadata() or ()).get(FAILED_SERVICE_KEY)
+            if e.code() == grpc.StatusCode.DATA_LOSS:
+                blamed = None  # a damaged KV stream: send it again
+            elif blamed is None:
+                blamed = prefill_address
+            raise path_failed(e, blamed) from e
         finish = WIRE_TO_FINISH.get(reply.finish_reason)
         yield reply.first_token_id, finish
         if finish is not None:
@@ -239,10 +310,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         decode = decode_pb2_grpc.DecodeStub(self.channels.get(decode_address))
         call = decode.Decode(
             decode_pb2.DecodeRequest(
-                request_id=req.request_id,
+                request_id=upstream_id,
                 sampling=req.sampling,
                 max_new_tokens=req.max_new_tokens,
-                prompt_token_ids=req.prompt_token_ids,
+                prompt_token_ids=tokens,
+                num_generated=num_generated,
             ),
             timeout=req.timeout(),
         )
@@ -250,14 +322,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async for delta in call:
                 for token in delta.token_ids:
                     yield token, WIRE_TO_FINISH.get(delta.finish_reason)
+        except grpc.aio.AioRpcError as e:
+            raise path_failed(e, decode_address) from e
         finally:
             call.cancel()  # no-op when finished; otherwise decode frees the sequence now
 
-    async def _local(self, req: Request, prefill: prefill_pb2_grpc.PrefillStub):
-        """Degraded/colocated mode, or the rest of a request whose decode path failed."""
-        call = prefill.GenerateLocal(
-            prefill_pb2.GenerateLocalRequest(
-                request_id=req.request_id,
+    async def _local(self, req: Request, upstream_id: str, address: str, stub_type: type):
+        """One engine runs the whole request (degraded, no-prefill or colocated), or its rest."""
+        call = stub_type(self.channels.get(address)).GenerateLocal(
+            common_pb2.GenerateLocalRequest(
+                request_id=upstream_id,
                 prompt_token_ids=req.prompt_token_ids + req.generated,
                 sampling=req.sampling,
                 max_new_tokens=req.max_new_tokens,
@@ -269,5 +343,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async for delta in call:
                 for token in delta.token_ids:
                     yield token, WIRE_TO_FINISH.get(delta.finish_reason)
+        except grpc.aio.AioRpcError as e:
+            raise path_failed(e, address) from e
         finally:
             call.cancel()
+
+
+class PathFailed(Exception):
+    """A service on the request's path failed: `failed` is the one to avoid (None: try it again)."""
+
+    def __init__(self, failed: str | None, reason: str, details: str) -> None:
+        super().__init__(details)
+        self.failed, self.reason, self.details = failed, reason, details
+
+
+def path_failed(e: grpc.aio.AioRpcError, blamed: str | None) -> Exception:
+    """A PathFailed for a failure the request survives elsewhere; the error itself (passed on
+    to the client) when the request is at fault or out of time."""
+    if e.code() not in RESUMABLE:
+        return e
+    return PathFailed(blamed, "kv_rejected" if e.code() == grpc.StatusCode.DATA_LOSS else "stream_error",
+                      f"{e.code().name}: {e.details()}")

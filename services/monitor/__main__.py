@@ -25,7 +25,7 @@ async def run(config: cfg.Config) -> None:
     channels = ChannelPool()
     checker = HealthChecker(registry, channels, config.monitor)
     check_task: asyncio.Task | None = None
-    metrics.gauge("edgellm_route_mode", "Routing mode (1 normal, 2 degraded, 3 colocated)", lambda: registry.mode)
+    metrics.gauge("edgellm_route_mode", "Routing mode (1 normal, 2 degraded, 3 colocated, 4 no prefill)", lambda: registry.mode)
     metrics.gauge("edgellm_healthy_services", "Services the monitor sees healthy",
                   lambda: sum(s.healthy for s in registry.services.values()))
     metrics.serve_metrics(net.monitor_metrics_port, net.host)

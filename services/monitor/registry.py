@@ -3,8 +3,9 @@
 Plain bookkeeping, no I/O: the checker feeds `record(address, ok)`; a service goes down
 after `down_after` consecutive failures and comes back after `up_after` consecutive
 successes (a service not seen yet comes up on its first success). Every change of the resulting table bumps its version.
-Mode: NORMAL while at least one decode service is up; DEGRADED (prefill decodes too) when none
-is; COLOCATED when none is configured (the baseline deployment).
+Mode: NORMAL while at least one decode and one prefill service are up; DEGRADED (prefill
+decodes too) when no decode service is; NO_PREFILL (decode prefills too) when no prefill
+service is; COLOCATED when no decode service is configured (the baseline deployment).
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ class Registry:
     def mode(self) -> int:
         if not any(s.role == common_pb2.SERVICE_ROLE_DECODE for s in self.services.values()):
             return monitor_pb2.ROUTE_MODE_COLOCATED
-        if self.healthy(common_pb2.SERVICE_ROLE_DECODE):
-            return monitor_pb2.ROUTE_MODE_NORMAL
-        return monitor_pb2.ROUTE_MODE_DEGRADED
+        if not self.healthy(common_pb2.SERVICE_ROLE_DECODE):
+            return monitor_pb2.ROUTE_MODE_DEGRADED
+        if not self.healthy(common_pb2.SERVICE_ROLE_PREFILL):
+            return monitor_pb2.ROUTE_MODE_NO_PREFILL
+        return monitor_pb2.ROUTE_MODE_NORMAL
 
     def table(self) -> monitor_pb2.RouteTable:
         return monitor_pb2.RouteTable(

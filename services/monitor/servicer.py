@@ -1,8 +1,11 @@
 """Monitor servicer and its health-check loop.
 
-The checker calls grpc.health.v1 Check on every service each interval (concurrently,
-each with a deadline) and feeds the Registry. When the table changes, every
-WatchRoutes stream gets the new table; a new watcher gets the current one at once.
+The checker calls grpc.health.v1 Check on every service each interval (one loop per
+service, each check with a deadline, so a hung service costs only its own checks) and
+feeds the Registry. A hung service (SIGSTOP, a cut link) fails on the deadline, a dead one
+at once; with the defaults either is marked down within about 1 s. When the table changes,
+every WatchRoutes stream gets the new table; a new watcher gets the current one at once,
+once every service has been checked.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class HealthChecker:
         self.channels = channels
         self.cfg = cfg
         self.changed = asyncio.Condition()
+        self.ready = asyncio.Event()  # every service checked once
+        self._first_check = {address: asyncio.Event() for address in registry.services}
 
     async def _check(self, address: str) -> bool:
         """One heartbeat: grpc.health.v1 Check, then (engines) the load report."""
@@ -53,23 +58,27 @@ class HealthChecker:
         return True
 
     async def run(self) -> None:
-        addresses = list(self.registry.services)
+        """One check loop per service: a hung service's slow checks never delay the others'."""
+        loops = [asyncio.create_task(self._watch(address)) for address in self.registry.services]
+        # A (re)started monitor publishes nothing before it has checked every service once:
+        # an empty first table would send the gateway into a mode with no route at all.
+        await asyncio.gather(*(self._first_check[a].wait() for a in self.registry.services))
+        self.ready.set()
+        await asyncio.gather(*loops)
+
+    async def _watch(self, address: str) -> None:
         while True:
-            results = await asyncio.gather(*(self._check(a) for a in addresses))
-            changed = False
-            for address, ok in zip(addresses, results):
-                if self.registry.record(address, ok):
-                    changed = True
-                    s = self.registry.services[address]
-                    log.warning(
-                        "service_up" if s.healthy else "service_down",
-                        address=address,
-                        role=common_pb2.ServiceRole.Name(s.role),
-                    )
-            if changed:
-                log.info("routes_changed", version=self.registry.version, mode=monitor_pb2.RouteMode.Name(self.registry.mode))
-            async with self.changed:  # watchers get health changes and fresh loads
-                self.changed.notify_all()
+            ok = await self._check(address)
+            if self.registry.record(address, ok):
+                s = self.registry.services[address]
+                log.warning("service_up" if s.healthy else "service_down", address=address,
+                            role=common_pb2.ServiceRole.Name(s.role))
+                log.info("routes_changed", version=self.registry.version,
+                         mode=monitor_pb2.RouteMode.Name(self.registry.mode))
+            self._first_check[address].set()
+            if self.ready.is_set():
+                async with self.changed:  # watchers get health changes and fresh loads
+                    self.changed.notify_all()
             await asyncio.sleep(self.cfg.health_interval_s)
 
 
@@ -81,6 +90,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
         self, request: monitor_pb2.WatchRoutesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[monitor_pb2.RouteTable]:
         log.info("watcher_joined", watcher=request.watcher)
+        await self.checker.ready.wait()
         while True:
             yield self.checker.registry.table()
             async with self.checker.changed:

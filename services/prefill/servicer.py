@@ -4,6 +4,10 @@ Prefill(request): the prompt runs through the engine; each finished layer's K/V 
 the decode service named in the request over a PushKV stream opened before the forward
 pass starts. Returns the first token once decode has acknowledged the complete KV.
 
+A takeover (the request's decode service failed) is the same call with the tokens already
+streamed appended to the prompt and num_generated set: the KV of all of them goes to the
+new decode service and the token sampled is the next one.
+
 GenerateLocal(request): degraded mode, used by the gateway when no decode service is
 healthy: this service prefills and then decodes the request itself.
 """
@@ -22,7 +26,8 @@ from edgellm.engine.loop import EngineLoop
 from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.load import engine_load
-from edgellm.rpc.convert import FINISH_TO_WIRE, check_prompt, sampling_from_proto, token_deltas
+from edgellm.rpc.convert import FAILED_SERVICE_KEY, FINISH_TO_WIRE, check_prompt, sampling_from_proto
+from edgellm.rpc.local import generate_local
 from edgellm.transfer import codec, faults
 from edgellm.transfer.sender import KVStreamSender
 from edgellm.v1 import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -43,8 +48,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     ) -> prefill_pb2.PrefillResponse:
         bind_request(request.request_id)
         await check_prompt(context, request.prompt_token_ids, self.vocab_size, self.engine.max_context)
-        if request.max_new_tokens < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be >= 1")
+        if request.max_new_tokens <= request.num_generated or request.num_generated >= len(request.prompt_token_ids):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "need num_generated < max_new_tokens and num_generated < len(prompt)"
+            )
         if not request.decode_address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "decode_address is required")
         sampling = sampling_from_proto(request.sampling)
@@ -63,7 +70,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         )
         try:
             result = await self.engine.prefill(
-                request.request_id, list(request.prompt_token_ids), sampling, request.max_new_tokens, sender.on_layer_kv
+                request.request_id,
+                list(request.prompt_token_ids),
+                sampling,
+                request.max_new_tokens,
+                sender.on_layer_kv,
+                num_generated=request.num_generated,
             )
             sender.finish(result.first_token_id)
             # The deadline starts when the forward pass ends: a long prompt's compute (22 s for 4k
@@ -76,10 +88,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 f"KV transfer to {request.decode_address} did not finish within "
                 f"{self.transfer.kv_wait_timeout_s:g} s of the forward pass",
+                trailing_metadata=((FAILED_SERVICE_KEY, request.decode_address),),
             )
         except grpc.aio.AioRpcError as e:
             log.warning("kv_push_failed", decode=request.decode_address, code=e.code().name, details=e.details())
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer to {request.decode_address} failed: {e.details()}")
+            # DATA_LOSS (decode rejected a damaged stream) is passed on: the gateway then sends the
+            # KV again to the same decode service instead of treating that service as failed.
+            code = grpc.StatusCode.DATA_LOSS if e.code() == grpc.StatusCode.DATA_LOSS else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"KV transfer to {request.decode_address} failed: {e.details()}",
+                                trailing_metadata=((FAILED_SERVICE_KEY, request.decode_address),))
         except BaseException:  # cancelled by the gateway, or the engine failed: close the KV stream too
             sender.abort()
             raise
@@ -103,20 +120,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         )
 
     async def GenerateLocal(
-        self, request: prefill_pb2.GenerateLocalRequest, context: grpc.aio.ServicerContext
+        self, request: common_pb2.GenerateLocalRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.TokenDelta]:
-        bind_request(request.request_id)
-        await check_prompt(context, request.prompt_token_ids, self.vocab_size, self.engine.max_context)
-        if request.max_new_tokens <= request.num_generated or request.num_generated >= len(request.prompt_token_ids):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "need num_generated < max_new_tokens and num_generated < len(prompt)"
-            )
-        sampling = sampling_from_proto(request.sampling)
-        log.info("local_generate", num_prompt_tokens=len(request.prompt_token_ids), num_generated=request.num_generated)
-        tokens = self.engine.generate(
-            request.request_id, list(request.prompt_token_ids), sampling, request.max_new_tokens, request.num_generated
-        )
-        async for delta in token_deltas(request.request_id, tokens, context):
+        async for delta in generate_local(self.engine, request, context):
             yield delta
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:

@@ -1,0 +1,41 @@
+"""GenerateLocal, shared by both engine services: prefill and decode one request on this engine.
+
+The prefill service runs it in degraded mode (no healthy decode service), the decode service
+when no prefill service is healthy; either also resumes a request whose path failed, after
+the tokens the client already has.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+import structlog
+
+from edgellm.engine.loop import EngineLoop
+from edgellm.logs import bind_request
+from edgellm.rpc.convert import check_prompt, sampling_from_proto, token_deltas
+from edgellm.v1 import common_pb2
+
+log = structlog.get_logger(__name__)
+
+
+async def generate_local(
+    engine: EngineLoop, request: common_pb2.GenerateLocalRequest, context: grpc.aio.ServicerContext
+) -> AsyncIterator[common_pb2.TokenDelta]:
+    bind_request(request.request_id)
+    await check_prompt(context, request.prompt_token_ids, engine.model.arch.vocab_size, engine.max_context)
+    if request.max_new_tokens <= request.num_generated or request.num_generated >= len(request.prompt_token_ids):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "need num_generated < max_new_tokens and num_generated < len(prompt)"
+        )
+    log.info("local_generate", num_prompt_tokens=len(request.prompt_token_ids), num_generated=request.num_generated)
+    tokens = engine.generate(
+        request.request_id,
+        list(request.prompt_token_ids),
+        sampling_from_proto(request.sampling),
+        request.max_new_tokens,
+        request.num_generated,
+    )
+    async for delta in token_deltas(request.request_id, tokens, context):
+        yield delta
