@@ -33,11 +33,19 @@ def pin_process(cpus: tuple[int, ...]) -> None:
         os.sched_setaffinity(0, cpus)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port that was free a moment ago (tests and benchmarks run stacks side by side)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that was free a moment ago (tests and benchmarks run stacks side by side),
+    never one this process handed out before: the OS may offer a port again until it is bound."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def free_port_argv() -> list[str]:
@@ -75,6 +83,9 @@ class Stack:
     config: Config
     log_dir: str | None = None  # None: children write to this process's stderr
     env: dict[str, str] | None = None
+    # A decode service that listens on another port than the one the others dial (a link
+    # proxy sits between): process name -> the port it listens on.
+    listen_ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _logs: list[IO] = field(default_factory=list)
 
@@ -92,7 +103,8 @@ class Stack:
     def _command(self, name: str) -> list[str]:
         if name not in self.decode_replicas:
             return service_command(name, self.config)
-        command = service_command("decode", self.config) + ["--decode-port", str(self.decode_replicas[name])]
+        port = self.listen_ports.get(name, self.decode_replicas[name])
+        command = service_command("decode", self.config) + ["--decode-port", str(port)]
         return command if name == "decode" else command + ["--decode-metrics-port", "0"]
 
     def start(self, name: str) -> subprocess.Popen:

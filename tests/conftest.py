@@ -62,16 +62,33 @@ PLUMBING_PRECISION = {"prefill_dtype": "fp32", "decode_weights": "fp32"}
 
 def stack_config(model: str, shipped_precision: bool = False, **overrides: str) -> cfg.Config:
     argv = ["--model", model, *free_port_argv()]
-    for key, value in ({} if shipped_precision else PLUMBING_PRECISION | overrides).items():
+    for key, value in (({} if shipped_precision else PLUMBING_PRECISION) | overrides).items():
         argv += ["--" + key.replace("_", "-"), str(value)]
     return cfg.parse(argv, env={})
 
 
-def start_stack(config: cfg.Config) -> Stack:
+def start_stack(config: cfg.Config, **stack_options) -> Stack:
     log_dir = tempfile.mkdtemp(prefix="edgellm-stack-")
-    stack = Stack(config, log_dir=log_dir)
+    stack = Stack(config, log_dir=log_dir, **stack_options)
     stack.start_and_wait()
     return stack
+
+
+def scrape(port: int) -> str:
+    """A service's Prometheus metrics page."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """Sum of the samples of a metric whose label text contains `labels` (every label set by default)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#") and labels in line.rsplit(" ", 1)[0]:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 @pytest.fixture(scope="session")

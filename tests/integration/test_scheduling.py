@@ -9,7 +9,7 @@ import pytest
 
 from edgellm.client import AsyncClient, Client, GenerationError
 from edgellm.v1 import common_pb2, decode_pb2_grpc
-from tests.conftest import stack_config, start_stack
+from tests.conftest import metric, scrape, stack_config, start_stack
 
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 150  # ~1500 tokens: a slow prefill
 
@@ -75,18 +75,6 @@ def test_deadline_ends_the_request_and_frees_its_blocks(tiny_stack):
             client.generate_text(prompt=LONG_PROMPT, max_tokens=1900)
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_blocks_free(tiny_stack, total) == total
-
-
-def scrape(port: int) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def metric(text: str, name: str) -> float:
-    """Sum of all samples of a metric (every label set)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and not line.startswith("#"))
 
 
 def test_every_service_serves_prometheus_metrics(tiny_stack):
