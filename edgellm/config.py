@@ -90,6 +90,9 @@ OPTIONS: tuple[Option, ...] = (
     # KV transfer
     Option("kv_layers_per_chunk", int, 1, "decoder layers per KV chunk"),
     Option("kv_max_chunk_bytes", int, 1 << 20, "largest KV chunk payload; long prompts are split by token range"),
+    Option("kv_max_inflight_mb", float, 32.0, "KV of one request handed to its stream but not yet taken by gRPC "
+           "(flow control); when full, the prefill forward pass waits: a slow decode side slows prefill down "
+           "instead of growing its memory"),
     Option("kv_wait_timeout_s", float, 30.0, "how long decode waits for a request's KV, and prefill for its "
            "acknowledgement after the forward pass, before failing it"),
     Option("kv_transfer_dtype", str, "", "KV on the wire: empty = the prefill's dtype, fp16, bf16, fp32, or int8 "
@@ -247,6 +250,7 @@ class NetworkConfig:
 class TransferConfig:
     kv_layers_per_chunk: int
     kv_max_chunk_bytes: int
+    kv_max_inflight_mb: float
     kv_wait_timeout_s: float
     kv_transfer_dtype: str
     kv_link_mbps: float
@@ -261,6 +265,8 @@ class TransferConfig:
             raise ValueError("kv_max_chunk_bytes must be between 1 KiB and 3 MiB")
         if self.kv_wait_timeout_s <= 0:
             raise ValueError("kv_wait_timeout_s must be > 0")
+        if self.kv_max_inflight_mb <= 0:
+            raise ValueError("kv_max_inflight_mb must be > 0")
         if self.kv_link_mbps < 0:
             raise ValueError("kv_link_mbps must be >= 0")
         if self.kv_transfer_dtype not in KV_TRANSFER_DTYPES:

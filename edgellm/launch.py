@@ -83,9 +83,11 @@ class Stack:
     config: Config
     log_dir: str | None = None  # None: children write to this process's stderr
     env: dict[str, str] | None = None
-    # A decode service that listens on another port than the one the others dial (a link
-    # proxy sits between): process name -> the port it listens on.
-    listen_ports: dict[str, int] = field(default_factory=dict)
+    # Per process: flags added to its command line (e.g. a decode service behind a link proxy
+    # listens on another port than the one the others dial), and a command it runs under
+    # (e.g. `ip netns exec NS` for a decode service on the far side of a shaped link).
+    process_args: dict[str, list[str]] = field(default_factory=dict)
+    process_prefix: dict[str, list[str]] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _logs: list[IO] = field(default_factory=list)
 
@@ -97,15 +99,19 @@ class Stack:
         return {("decode" if i == 0 else f"decode{i + 1}"): int(a.rsplit(":", 1)[1]) for i, a in enumerate(addresses)}
 
     def address(self, name: str) -> str:
-        port = self.decode_replicas.get(name) or service_port(name, self.config)
-        return f"127.0.0.1:{port}"
+        """Where the others reach a service (a decode service: its --decode-addrs entry)."""
+        if name in self.decode_replicas:
+            return self.config.network.decode_addresses[list(self.decode_replicas).index(name)]
+        return f"127.0.0.1:{service_port(name, self.config)}"
 
     def _command(self, name: str) -> list[str]:
         if name not in self.decode_replicas:
-            return service_command(name, self.config)
-        port = self.listen_ports.get(name, self.decode_replicas[name])
-        command = service_command("decode", self.config) + ["--decode-port", str(port)]
-        return command if name == "decode" else command + ["--decode-metrics-port", "0"]
+            command = service_command(name, self.config)
+        else:
+            command = service_command("decode", self.config) + ["--decode-port", str(self.decode_replicas[name])]
+            if name != "decode":
+                command += ["--decode-metrics-port", "0"]
+        return self.process_prefix.get(name, []) + command + self.process_args.get(name, [])
 
     def start(self, name: str) -> subprocess.Popen:
         stderr = None

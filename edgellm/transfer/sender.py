@@ -6,6 +6,13 @@ client-streaming PushKV call. So chunk i is on the wire while layer i+1 computes
 `finish()` appends the closing message (chunk count, prompt length, first token);
 `ack` resolves with the decode service's KVAck.
 
+Backpressure: gRPC's flow control stops taking messages when the decode side (or the link)
+is slow. Layer groups waiting for it are bounded by `max_inflight_bytes`: past that the
+engine thread waits in `on_layer_kv`, so a slow decode service slows the forward pass down
+rather than growing the prefill service's memory. The window opens again as gRPC takes each
+group, and for good once the stream ends in any way (ack, error, abort), so a dead decode
+service never leaves the engine waiting.
+
 For benchmarks: `link_mbps` paces the stream like a link of that bandwidth (a token bucket,
 the portable stand-in for shaping a real interface), and `after_prefill` holds every chunk
 until the forward pass is done: the send-after-prefill baseline layer-wise streaming is
@@ -15,6 +22,7 @@ measured against.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import AsyncIterator
 
 import torch
@@ -38,6 +46,8 @@ class KVStreamSender:
         fault: str | None = None,
         link_mbps: float = 0.0,
         after_prefill: bool = False,
+        max_inflight_bytes: int = 32 << 20,
+        window_timeout_s: float = 30.0,
     ) -> None:
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
@@ -54,11 +64,19 @@ class KVStreamSender:
         self._link_free_at = 0.0
         self._after_prefill = after_prefill
         self._held: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        self._window = threading.Condition()
+        self._max_inflight_bytes = max_inflight_bytes
+        self.inflight_bytes = 0
+        self.max_seen_inflight_bytes = 0
+        self._stream_over = False
+        self._window_timeout_s = window_timeout_s
+        self.gave_up = False  # the window stayed full for window_timeout_s: the stream was cancelled
         # Opening the call now means the stream is set up before the first layer is done.
         messages = self._messages() if fault is None else faults.damage(self._messages(), fault)
         # No gRPC deadline: the forward pass may be long; the caller bounds the wait for `ack`.
         self._call = stub.PushKV(messages)
         self.ack: asyncio.Task[decode_pb2.KVAck] = asyncio.ensure_future(self._call)
+        self.ack.add_done_callback(lambda _: self._close_window())
 
     def on_layer_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Engine thread: k, v [kv_heads, S, D] of `layer` are final."""
@@ -68,10 +86,34 @@ class KVStreamSender:
         if len(self._pending) == self._layers_per_chunk or layer == self._num_layers - 1:
             group, start = self._pending, self._pending_start
             self._pending = []
-            if self._after_prefill:
+            if self._after_prefill:  # the baseline holds everything until the end by design
                 self._held.append((start, group))
             else:
+                self._reserve(sum(k.nbytes + v.nbytes for k, v in group))
                 self._loop.call_soon_threadsafe(self._groups.put_nowait, (start, group))
+
+    def _reserve(self, num_bytes: int) -> None:
+        """Engine thread: wait until the window has room (a group larger than the window goes alone).
+        A decode side that takes nothing for window_timeout_s (hung, link cut, no monitor to notice)
+        loses the stream: the forward pass, and every request batched with this one, goes on."""
+        with self._window:
+            while (self.inflight_bytes and self.inflight_bytes + num_bytes > self._max_inflight_bytes
+                   and not self._stream_over):
+                if not self._window.wait(timeout=self._window_timeout_s):
+                    self.gave_up = self._stream_over = True
+                    self._loop.call_soon_threadsafe(self._call.cancel)
+            self.inflight_bytes += num_bytes
+            self.max_seen_inflight_bytes = max(self.max_seen_inflight_bytes, self.inflight_bytes)
+
+    def _release(self, num_bytes: int) -> None:
+        with self._window:
+            self.inflight_bytes -= num_bytes
+            self._window.notify_all()
+
+    def _close_window(self) -> None:
+        with self._window:
+            self._stream_over = True
+            self._window.notify_all()
 
     def finish(self, first_token_id: int) -> None:
         for item in self._held:  # the send-after-prefill baseline: everything goes now
@@ -89,6 +131,7 @@ class KVStreamSender:
 
     def abort(self) -> None:
         self._call.cancel()
+        self._close_window()
 
     async def _messages(self) -> AsyncIterator[decode_pb2.KVChunk]:
         while True:
@@ -112,3 +155,6 @@ class KVStreamSender:
                 self.num_chunks += 1
                 await self._pace(codec.wire_bytes(chunk))
                 yield chunk
+            # gRPC asks for the next message once it has taken this group's last chunk
+            if not self._after_prefill:
+                self._release(sum(k.nbytes + v.nbytes for k, v in group))

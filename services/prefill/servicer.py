@@ -63,6 +63,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             self.num_layers,
             self.transfer.kv_layers_per_chunk,
             self.transfer.kv_max_chunk_bytes,
+            max_inflight_bytes=int(self.transfer.kv_max_inflight_mb * 2**20),
+            window_timeout_s=self.transfer.kv_wait_timeout_s,
             wire_dtype=codec.TRANSFER_DTYPES.get(self.transfer.kv_transfer_dtype),
             fault=faults.fault_for(request.request_id) if self.transfer.kv_fault_injection else None,
             link_mbps=self.transfer.kv_link_mbps,
@@ -77,6 +79,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 sender.on_layer_kv,
                 num_generated=request.num_generated,
             )
+            if sender.gave_up:  # decode took nothing for kv_wait_timeout_s while the forward pass ran
+                raise TimeoutError
             sender.finish(result.first_token_id)
             # The deadline starts when the forward pass ends: a long prompt's compute (22 s for 4k
             # tokens in bf16 on one core here) is not the link's fault.
@@ -86,8 +90,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             log.warning("kv_push_timed_out", decode=request.decode_address, timeout_s=self.transfer.kv_wait_timeout_s)
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                f"KV transfer to {request.decode_address} did not finish within "
-                f"{self.transfer.kv_wait_timeout_s:g} s of the forward pass",
+                f"KV transfer to {request.decode_address} stalled: nothing taken for "
+                f"{self.transfer.kv_wait_timeout_s:g} s during the forward pass, or no acknowledgement within that "
+                "time after it",
                 trailing_metadata=((FAILED_SERVICE_KEY, request.decode_address),),
             )
         except grpc.aio.AioRpcError as e:

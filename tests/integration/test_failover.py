@@ -134,7 +134,7 @@ def test_a_cut_link_to_decode_is_detected_and_its_streams_move(tiny_model_dir, e
     decode_port = free_port()
     proxy = LinkProxy(f"127.0.0.1:{decode_port}").start_in_thread()
     config = stack_config(tiny_model_dir, decode_addrs=proxy.address, migrate=str(migrate).lower())
-    stack = start_stack(config, listen_ports={"decode": decode_port})
+    stack = start_stack(config, process_args={"decode": ["--decode-port", str(decode_port)]})
     try:
         run = run_with_fault_sync(stack.address("gateway"), PROMPTS, MAX_TOKENS, fault=proxy.cut)
         check_outcome(run, expected, migrate)

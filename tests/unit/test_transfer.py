@@ -133,3 +133,88 @@ def test_a_corrupted_int8_scale_is_caught_by_the_checksum(field):
     setattr(chunks[1], field, bytes([damaged[0] ^ 0x01]) + damaged[1:])
     with pytest.raises(codec.ChunkError, match="checksum"):
         asyncio.run(new_store().receive(feed(chunks)))
+
+
+# ---- the sender's bounded in-flight window -----------------------------------------------------
+class SlowDecode:
+    """A PushKV peer that takes one more message each time the test lets it (gRPC flow control)."""
+
+    def __init__(self) -> None:
+        self.allowed = asyncio.Semaphore(0)
+        self.taken: list[decode_pb2.KVChunk] = []
+
+    def PushKV(self, messages):
+        return asyncio.ensure_future(self._consume(messages))
+
+    async def _consume(self, messages):
+        async for m in messages:
+            self.taken.append(m)
+            if m.is_last:
+                return decode_pb2.KVAck(request_id=m.request_id, num_chunks=m.num_chunks)
+            await self.allowed.acquire()
+
+
+def start_engine_thread(sender, k, v):
+    """The engine's side: hand every layer's K/V to the sender from another thread, as the forward pass does."""
+    import threading
+
+    done: list[int] = []
+
+    def forward():
+        for layer in range(LAYERS):
+            sender.on_layer_kv(layer, k[layer], v[layer])
+            done.append(layer)
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    return thread, done
+
+
+async def test_a_slow_decode_side_holds_the_forward_pass_within_the_window():
+    from edgellm.transfer.sender import KVStreamSender
+
+    k, v = prompt_kv()
+    layer_bytes = k[0].nbytes + v[0].nbytes
+    decode = SlowDecode()
+    sender = KVStreamSender(decode, "r1", TOKENS, LAYERS, 1, 1 << 20, max_inflight_bytes=int(1.5 * layer_bytes))
+    thread, done = start_engine_thread(sender, k, v)
+    await asyncio.sleep(0.3)
+    assert done == [0]  # layer 1's K/V does not fit while layer 0's waits for the decode side
+    assert sender.inflight_bytes <= 1.5 * layer_bytes
+    for _ in range(LAYERS):
+        decode.allowed.release()
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(thread.join, 5)
+    assert done == list(range(LAYERS))
+    sender.finish(first_token_id=7)
+    ack = await asyncio.wait_for(sender.ack, 5)
+    assert ack.num_chunks == LAYERS
+    assert sender.max_seen_inflight_bytes <= 1.5 * layer_bytes
+    store = new_store()
+    received = await store.receive(feed(decode.taken))
+    assert torch.equal(received.k, k) and torch.equal(received.v, v)
+
+
+async def test_an_aborted_stream_releases_a_waiting_forward_pass():
+    from edgellm.transfer.sender import KVStreamSender
+
+    k, v = prompt_kv()
+    sender = KVStreamSender(SlowDecode(), "r1", TOKENS, LAYERS, 1, 1 << 20, max_inflight_bytes=1)
+    thread, done = start_engine_thread(sender, k, v)
+    await asyncio.sleep(0.3)
+    assert done == [0]
+    sender.abort()  # what the prefill servicer does when the gateway cancels (monitor verdict)
+    await asyncio.to_thread(thread.join, 5)
+    assert done == list(range(LAYERS))
+
+
+async def test_a_decode_side_that_takes_nothing_loses_its_stream_after_the_timeout():
+    from edgellm.transfer.sender import KVStreamSender
+
+    k, v = prompt_kv()
+    sender = KVStreamSender(SlowDecode(), "r1", TOKENS, LAYERS, 1, 1 << 20, max_inflight_bytes=1, window_timeout_s=0.3)
+    thread, done = start_engine_thread(sender, k, v)
+    await asyncio.to_thread(thread.join, 5)
+    assert done == list(range(LAYERS)) and sender.gave_up
+    with pytest.raises(asyncio.CancelledError):
+        await sender.ack

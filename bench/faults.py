@@ -1,0 +1,143 @@
+"""`python -m bench.faults` (`make bench-faults`): what a decode failure costs the streams in flight.
+
+Scenarios, each on its own stack of the embedded model with every setting at its default, as
+`edgellm up` runs it (no CPU pinning; health checks every 0.2 s, 0.3 s deadline, down after 2
+misses), but for the precision:
+
+  kill9         kill -9 of the only decode service: streams go on in degraded mode (prefill decodes)
+  sigstop       SIGSTOP of the only decode service: hung, its TCP open; found by the monitor
+  kill9-of-two  two decode services, one killed: its streams move to the other
+
+Both phases run fp32 (`--prefill-dtype fp32 --decode-weights fp32`, as issue 6's acceptance
+asks) so that a migrated stream can be compared token for token with a run without a fault.
+Per scenario, --streams concurrent greedy streams of --max-tokens tokens; the fault comes once
+every stream has --after-tokens tokens. Reported:
+
+  completed / lost        streams that ended with their text / with an error status
+  identical               streams whose tokens equal the no-fault run's (no duplicate, no gap)
+  recovery p50/p99        per stream in flight: the longest wait for a token from the fault on
+  tok/s before/during/after  aggregate tokens per second in the 3 s before the fault, from the fault
+                          until the slowest stream recovered, and from then to the end
+
+Writes bench/results/faults.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import signal
+import sys
+from typing import Any
+
+from bench.stacks import started_stack
+from bench.streams import FaultRun, run_with_fault_sync
+from edgellm.launch import free_port
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+PRECISION = ("--prefill-dtype", "fp32", "--decode-weights", "fp32")
+PROMPT_TOPICS = ("the river", "a lighthouse", "bread", "the moon", "trains", "a garden", "winter", "the sea")
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write a short story about {PROMPT_TOPICS[i % len(PROMPT_TOPICS)]} (number {i})." for i in range(n)]
+
+
+def scenarios() -> dict[str, tuple[tuple[str, ...], str, int]]:
+    """name -> (extra stack flags, process to hit, signal)."""
+    two = ("--decode-addrs", f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}")
+    return {
+        "kill9": ((), "decode", signal.SIGKILL),
+        "sigstop": ((), "decode", signal.SIGSTOP),
+        "kill9-of-two": (two, "decode2", signal.SIGKILL),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def tokens_per_s(run: FaultRun, start: float, end: float) -> float:
+    if end <= start:
+        return float("nan")
+    count = sum(1 for r in run.streams for t in r.arrivals if start < t <= end)
+    return count / (end - start)
+
+
+def summarize(name: str, run: FaultRun, expected: list[list[int]]) -> dict[str, Any]:
+    assert run.fault_at is not None
+    recoveries = [s for s in (r.recovery_s(run.fault_at) for r in run.streams) if s is not None]
+    recovered_at = run.fault_at + max(recoveries, default=0.0)
+    identical = sum(r.token_ids == e for r, e in zip(run.streams, expected))
+    return {
+        "scenario": name,
+        "streams": len(run.streams),
+        "completed": sum(r.completed for r in run.streams),
+        "lost": sum(not r.completed for r in run.streams),
+        "errors": sorted({f"{r.error.name}: {r.details}" for r in run.streams if r.error is not None}),
+        "identical": identical,
+        "tokens_differing": sum(
+            sum(a != b for a, b in zip(r.token_ids, e)) + abs(len(r.token_ids) - len(e))
+            for r, e in zip(run.streams, expected)
+        ),
+        "in_flight_at_fault": len(recoveries),
+        "recovery_p50_s": percentile(recoveries, 0.5),
+        "recovery_p99_s": percentile(recoveries, 0.99),
+        "recovery_max_s": max(recoveries, default=float("nan")),
+        "tok_s_before": tokens_per_s(run, run.fault_at - 3.0, run.fault_at),
+        "tok_s_during": tokens_per_s(run, run.fault_at, recovered_at),
+        "tok_s_after": tokens_per_s(run, recovered_at, run.ended_at),
+    }
+
+
+def run_scenario(name: str, flags: tuple[str, ...], target: str, sig: int, args: argparse.Namespace) -> dict[str, Any]:
+    texts = prompts(args.streams)
+    with started_stack("default", (*PRECISION, *flags)) as (stack, description):
+        gateway = stack.address("gateway")
+        baseline = run_with_fault_sync(gateway, texts, args.max_tokens)
+        expected = [r.token_ids for r in baseline.streams]
+        run = run_with_fault_sync(gateway, texts, args.max_tokens, fault=lambda: stack.kill(target, sig),
+                                  after_tokens=args.after_tokens)
+        if sig == signal.SIGSTOP:
+            stack.kill(target, signal.SIGCONT)
+    row = summarize(name, run, expected)
+    row["stack"] = description
+    print(f"{name}: {row['completed']}/{row['streams']} completed, {row['identical']} identical, recovery p50 "
+          f"{row['recovery_p50_s']:.2f} s p99 {row['recovery_p99_s']:.2f} s", file=sys.stderr, flush=True)
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    out = ["| scenario | completed | lost | identical to no-fault | recovery p50 s | recovery p99 s | "
+           "tok/s before | during | after |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['scenario']} | {r['completed']}/{r['streams']} | {r['lost']} | {r['identical']}/{r['streams']} | "
+                   f"{r['recovery_p50_s']:.2f} | {r['recovery_p99_s']:.2f} | {r['tok_s_before']:.0f} | "
+                   f"{r['tok_s_during']:.0f} | {r['tok_s_after']:.0f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--after-tokens", type=int, default=32, help="tokens every stream has when the fault comes")
+    parser.add_argument("--scenarios", nargs="+", default=list(scenarios()))
+    parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "bench" / "results" / "faults.json")
+    args = parser.parse_args(argv)
+    available = scenarios()
+    rows = [run_scenario(name, *available[name], args) for name in args.scenarios]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(),
+                                    "rows": rows}, indent=2) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
