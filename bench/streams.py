@@ -20,6 +20,7 @@ from edgellm.client import AsyncClient, GenerationError
 @dataclass
 class StreamRecord:
     prompt: str
+    request_id: str = ""  # the gateway's id, as its logs name the request
     token_ids: list[int] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each token
     finish_reason: str = ""
@@ -53,6 +54,7 @@ async def _stream(client: AsyncClient, record: StreamRecord, max_tokens: int, pr
     try:
         async for delta in client.generate(prompt=record.prompt, max_tokens=max_tokens, temperature=0.0):
             now = time.monotonic()
+            record.request_id = record.request_id or delta.request_id
             for token in delta.token_ids:
                 record.token_ids.append(token)
                 record.arrivals.append(now)

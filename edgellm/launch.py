@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -177,17 +178,33 @@ class Stack:
             time.sleep(0.1)
 
     def wait_all_healthy(self, timeout_s: float = 30.0) -> None:
+        """Until the monitor sees every service healthy and the gateway routes by that table (it may
+        still hold one from while the engines were starting, which would send requests degraded)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 table = route_table(self.address("monitor"))
-                if table.services and all(s.healthy for s in table.services):
+                if table.services and all(s.healthy for s in table.services) and self._gateway_follows(table):
                     return
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError("monitor does not see every service healthy")
             time.sleep(0.1)
+
+    def _gateway_follows(self, table: monitor_pb2.RouteTable) -> bool:
+        """Whether the gateway's route table (its metrics page) has this table's version; True when
+        the gateway is not running or serves no metrics."""
+        port = self.config.network.gateway_metrics_port
+        if "gateway" not in self.procs or not port:
+            return True
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
+                page = r.read().decode()
+        except OSError:
+            return False
+        versions = [line.rsplit(" ", 1)[1] for line in page.splitlines() if line.startswith("edgellm_route_table_version ")]
+        return bool(versions) and float(versions[0]) >= table.version
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to a service (SIGKILL: dead; SIGSTOP: hung, its sockets stay open; SIGCONT)."""

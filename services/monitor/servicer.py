@@ -37,6 +37,7 @@ class HealthChecker:
         self.channels = channels
         self.cfg = cfg
         self.changed = asyncio.Condition()
+        self.generation = 0  # bumped on every check: a watcher busy sending a table misses no change
         self.ready = asyncio.Event()  # every service checked once
         self._first_check = {address: asyncio.Event() for address in registry.services}
 
@@ -76,9 +77,9 @@ class HealthChecker:
                 log.info("routes_changed", version=self.registry.version,
                          mode=monitor_pb2.RouteMode.Name(self.registry.mode))
             self._first_check[address].set()
-            if self.ready.is_set():
-                async with self.changed:  # watchers get health changes and fresh loads
-                    self.changed.notify_all()
+            async with self.changed:  # watchers get health changes and fresh loads
+                self.generation += 1
+                self.changed.notify_all()
             await asyncio.sleep(self.cfg.health_interval_s)
 
 
@@ -91,10 +92,12 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
     ) -> AsyncIterator[monitor_pb2.RouteTable]:
         log.info("watcher_joined", watcher=request.watcher)
         await self.checker.ready.wait()
+        checker, sent = self.checker, -1
         while True:
-            yield self.checker.registry.table()
-            async with self.checker.changed:
-                await self.checker.changed.wait()
+            async with checker.changed:
+                await checker.changed.wait_for(lambda: checker.generation != sent)
+                sent = checker.generation
+            yield checker.registry.table()
 
     async def GetStatus(
         self, request: monitor_pb2.GetStatusRequest, context: grpc.aio.ServicerContext

@@ -150,3 +150,36 @@ def test_decoding_from_staged_kv_equals_local_generation(tiny, prompt_len):
 
     assert [first, *run_engine(decode, decode_rest)] == expected
     assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
+
+
+@pytest.mark.parametrize("num_sent", [1, 5, 8])
+def test_a_takeover_after_sent_tokens_continues_the_same_generation(tiny, num_sent):
+    """Migration: a request's decode service failed after num_sent tokens. A prefill engine runs
+    prompt + those tokens (their KV goes to the new decode service) and samples token num_sent;
+    decoding on from there gives what one engine generating alone gives, seeded sampling included."""
+    prompt = prompts(1, seed=num_sent)[0]
+    sampling = SamplingParams(temperature=0.8, top_k=50, seed=1234)
+    local = make_engine(tiny)
+    expected = run_engine(local, lambda: collect(local, prompt, 14, sampling))
+    sent = expected[:num_sent]
+
+    a = tiny.model.arch
+    n = len(prompt) + num_sent
+    k = torch.zeros(a.num_layers, a.num_kv_heads, n, a.head_dim)
+    v = torch.zeros_like(k)
+
+    def keep(layer, lk, lv):
+        k[layer], v[layer] = lk, lv
+
+    prefill = make_engine(tiny)
+    result = run_engine(prefill, lambda: prefill.prefill("p/2", prompt + sent, sampling, 14, keep, num_generated=num_sent))
+    assert result.num_prompt_tokens == n  # the KV covers the prompt and the sent tokens
+    decode = make_engine(tiny)
+
+    async def decode_rest():
+        stream = decode.generate("d/2", prompt + sent + [result.first_token_id], sampling, 14,
+                                 num_generated=num_sent + 1, staged_kv=(k, v))
+        return [t async for t, _ in stream]
+
+    assert [*sent, result.first_token_id, *run_engine(decode, decode_rest)] == expected
+    assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
