@@ -4,7 +4,9 @@ Scenarios, each on its own stack of the embedded model with every setting at its
 `edgellm up` runs it (no CPU pinning; health checks every 0.2 s, 0.3 s deadline, down after 2
 misses), but for the precision:
 
-  kill9         kill -9 of the only decode service: streams go on in degraded mode (prefill decodes)
+  kill9         kill -9 of the only decode service: streams go on in degraded mode (prefill decodes),
+                reusing the prompt KV the prefill service kept (hot backup, --kv-backup-mb)
+  kill9-no-backup  the same with the hot backup off (--kv-backup-mb 0): the prompts are recomputed
   sigstop       SIGSTOP of the only decode service: hung, its TCP open; found by the monitor
   kill9-of-two  two decode services, one killed: its streams move to the other
 
@@ -58,6 +60,7 @@ def scenarios() -> dict[str, tuple[tuple[str, ...], str, int]]:
            "--decode-cpus", "1", "--prefill-threads", "1", "--decode-threads", "1")
     return {
         "kill9": ((), "decode", signal.SIGKILL),
+        "kill9-no-backup": (("--kv-backup-mb", "0"), "decode", signal.SIGKILL),
         "sigstop": ((), "decode", signal.SIGSTOP),
         "kill9-of-two": (two, "decode2", signal.SIGKILL),
     }

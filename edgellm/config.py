@@ -93,6 +93,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("kv_max_inflight_mb", float, 32.0, "KV of one request handed to its stream but not yet taken by gRPC "
            "(flow control); when full, the prefill forward pass waits: a slow decode side slows prefill down "
            "instead of growing its memory"),
+    Option("kv_backup_mb", float, 256.0, "prefill: keep each prompt's KV this service computed (up to this many MiB, "
+           "oldest dropped first) so a degraded-mode takeover recomputes only the streamed tokens; 0 = off"),
+    Option("kv_backup_ttl_s", float, 60.0, "prefill: how long a prompt's KV is kept for a takeover"),
     Option("kv_wait_timeout_s", float, 30.0, "how long decode waits for a request's KV, and prefill for its "
            "acknowledgement after the forward pass, before failing it"),
     Option("kv_transfer_dtype", str, "", "KV on the wire: empty = the prefill's dtype, fp16, bf16, fp32, or int8 "
@@ -251,6 +254,8 @@ class TransferConfig:
     kv_layers_per_chunk: int
     kv_max_chunk_bytes: int
     kv_max_inflight_mb: float
+    kv_backup_mb: float
+    kv_backup_ttl_s: float
     kv_wait_timeout_s: float
     kv_transfer_dtype: str
     kv_link_mbps: float
@@ -267,6 +272,8 @@ class TransferConfig:
             raise ValueError("kv_wait_timeout_s must be > 0")
         if self.kv_max_inflight_mb <= 0:
             raise ValueError("kv_max_inflight_mb must be > 0")
+        if self.kv_backup_mb < 0 or self.kv_backup_ttl_s <= 0:
+            raise ValueError("kv_backup_mb must be >= 0 and kv_backup_ttl_s > 0")
         if self.kv_link_mbps < 0:
             raise ValueError("kv_link_mbps must be >= 0")
         if self.kv_transfer_dtype not in KV_TRANSFER_DTYPES:

@@ -25,6 +25,9 @@ class ForwardBatch:
     block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] (padded with 0)
     context_lens: torch.Tensor | None = None  # decode: [B] tokens in context, the new one included
     max_context_len: int = 0
+    # prefill: cache slots of each sequence's cached prefix (its new tokens attend to those first);
+    # None or an empty tensor: no prefix
+    prefix_slots: list[torch.Tensor | None] | None = None
 
 
 class PagedKVCache:

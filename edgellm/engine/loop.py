@@ -129,17 +129,22 @@ class EngineLoop:
         max_new_tokens: int,
         num_generated: int = 0,
         staged_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> AsyncIterator[tuple[int, str | None]]:
         """Yield (token_id, finish_reason) for token index num_generated onwards.
 
         token_ids ends with the num_generated tokens already produced elsewhere. With
         staged_kv (the prompt's K/V from a prefill service, [L, Hkv, P, D] each) no prefill
-        runs here. Leaving the iteration early (client gone) frees the sequence's blocks.
+        runs here. With prefix_kv (K/V of the first C tokens, kept from an earlier prefill
+        here) the prefill computes only the tokens after them. Leaving the iteration early
+        (client gone) frees the sequence's blocks.
         """
         num_prompt = len(token_ids) - num_generated
         kind = Kind.FROM_KV if staged_kv is not None else Kind.LOCAL
         seq = Sequence(request_id, kind, list(token_ids), num_prompt, sampling, max_new_tokens,
                        emit=lambda *_: None, num_generated=num_generated, staged_kv=staged_kv)
+        if prefix_kv is not None and kind is Kind.LOCAL and prefix_kv[0].shape[2] < len(seq.prefill_token_ids):
+            seq.prefix_kv = prefix_kv  # (a prefix covering every token to prefill would leave none to run)
         return self._stream(seq)
 
     def check_fits(self, num_tokens: int) -> None:

@@ -28,23 +28,38 @@ class ModelRunner:
         seq.staged_kv = None
         seq.num_cached_tokens = seq.num_staged_tokens
 
+    def _load_prefix(self, seq: Sequence) -> int:
+        """Copy a LOCAL sequence's kept prefix K/V into its blocks; returns how many tokens it covers."""
+        if seq.prefix_kv is None:
+            return 0
+        assert seq.kind is Kind.LOCAL, "only a local sequence's prefill reads a cached prefix"
+        k, v = seq.prefix_kv  # [L, Hkv, C, D]
+        slots = torch.tensor(self.blocks.slots(seq.block_table, 0, k.shape[2]))
+        for layer in range(k.shape[0]):
+            self.cache.store(layer, slots, k[layer].transpose(0, 1), v[layer].transpose(0, 1))
+        seq.prefix_kv = None  # a later recompute (preemption) runs every token
+        return k.shape[2]
+
     def prefill(self, seqs: list[Sequence]) -> list[int | None]:
         """One packed forward over whole prompts. Returns the token sampled for each sequence
         (index num_generated); None for recomputes (their next token is known)."""
-        token_ids, positions, slots, cu_seqlens = [], [], [], [0]
+        token_ids, positions, slots, cu_seqlens, prefix_slots = [], [], [], [0], []
         for seq in seqs:
             ids = seq.prefill_token_ids
-            token_ids += ids
-            positions += range(len(ids))
+            cached = self._load_prefix(seq)
+            token_ids += ids[cached:]
+            positions += range(cached, len(ids))
             keep_kv = seq.kind is not Kind.PREFILL_ONLY
-            slots += self.blocks.slots(seq.block_table, 0, len(ids)) if keep_kv else [-1] * len(ids)
-            cu_seqlens.append(cu_seqlens[-1] + len(ids))
+            slots += self.blocks.slots(seq.block_table, cached, len(ids)) if keep_kv else [-1] * (len(ids) - cached)
+            cu_seqlens.append(cu_seqlens[-1] + len(ids) - cached)
+            prefix_slots.append(torch.tensor(self.blocks.slots(seq.block_table, 0, cached)) if cached else None)
         batch = ForwardBatch(
             token_ids=torch.tensor(token_ids),
             positions=torch.tensor(positions),
             is_prefill=True,
             cu_seqlens=cu_seqlens,
             slot_mapping=torch.tensor(slots),
+            prefix_slots=prefix_slots,
         )
         hooks = [(seq.on_layer_kv, cu_seqlens[i], cu_seqlens[i + 1]) for i, seq in enumerate(seqs) if seq.on_layer_kv]
 

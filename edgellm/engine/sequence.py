@@ -49,6 +49,9 @@ class Sequence:
     num_generated: int = 0  # generated tokens so far (they are the tail of token_ids)
     on_layer_kv: LayerKVHook | None = None  # PREFILL_ONLY: where this prompt's K/V goes
     staged_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # FROM_KV: [L, Hkv, T, D] each
+    # LOCAL: K/V of the first tokens, kept from an earlier prefill ([L, Hkv, C, D] each): the
+    # prefill copies it into the cache and computes only the tokens after it
+    prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose K/V is in the paged cache
     status: Status = Status.WAITING

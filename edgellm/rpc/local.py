@@ -11,6 +11,7 @@ from typing import AsyncIterator
 
 import grpc
 import structlog
+import torch
 
 from edgellm.engine.loop import EngineLoop
 from edgellm.logs import bind_request
@@ -21,21 +22,27 @@ log = structlog.get_logger(__name__)
 
 
 async def generate_local(
-    engine: EngineLoop, request: common_pb2.GenerateLocalRequest, context: grpc.aio.ServicerContext
+    engine: EngineLoop,
+    request: common_pb2.GenerateLocalRequest,
+    context: grpc.aio.ServicerContext,
+    prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> AsyncIterator[common_pb2.TokenDelta]:
+    """prefix_kv: the K/V of the request's first tokens, kept here from its prefill (hot backup)."""
     bind_request(request.request_id)
     await check_prompt(context, request.prompt_token_ids, engine.model.arch.vocab_size, engine.max_context)
     if request.max_new_tokens <= request.num_generated or request.num_generated >= len(request.prompt_token_ids):
         await context.abort(
             grpc.StatusCode.INVALID_ARGUMENT, "need num_generated < max_new_tokens and num_generated < len(prompt)"
         )
-    log.info("local_generate", num_prompt_tokens=len(request.prompt_token_ids), num_generated=request.num_generated)
+    log.info("local_generate", num_prompt_tokens=len(request.prompt_token_ids), num_generated=request.num_generated,
+             kept_kv_tokens=0 if prefix_kv is None else prefix_kv[0].shape[2])
     tokens = engine.generate(
         request.request_id,
         list(request.prompt_token_ids),
         sampling_from_proto(request.sampling),
         request.max_new_tokens,
         request.num_generated,
+        prefix_kv=prefix_kv,
     )
     async for delta in token_deltas(request.request_id, tokens, context):
         yield delta

@@ -22,8 +22,12 @@ async def run(config: cfg.Config) -> None:
     metrics.engine_gauges(engine)
     metrics.serve_metrics(config.network.prefill_metrics_port, config.network.host)
 
+    servicer = PrefillServicer(engine, channels, config.transfer)
+    metrics.gauge("edgellm_kv_backup_bytes", "Prompt KV kept for takeovers", lambda: servicer.backup.num_bytes)
+    metrics.gauge("edgellm_kv_backup_hits", "Takeovers that reused a kept prompt KV", lambda: servicer.backup.hits)
+
     def register(server):
-        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(engine, channels, config.transfer), server)
+        prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
         return [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
 
     async def on_stop() -> None:

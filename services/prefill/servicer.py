@@ -9,7 +9,9 @@ streamed appended to the prompt and num_generated set: the KV of all of them goe
 new decode service and the token sampled is the next one.
 
 GenerateLocal(request): degraded mode, used by the gateway when no decode service is
-healthy: this service prefills and then decodes the request itself.
+healthy: this service prefills and then decodes the request itself. A takeover of a request
+this service prefilled reuses the prompt's K/V it kept (backup.py, --kv-backup-mb): only the
+tokens already streamed are computed again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import AsyncIterator
 
 import grpc
 import structlog
+import torch
 
 from edgellm import metrics
 from edgellm.config import TransferConfig
@@ -31,6 +34,7 @@ from edgellm.rpc.local import generate_local
 from edgellm.transfer import codec, faults
 from edgellm.transfer.sender import KVStreamSender
 from edgellm.v1 import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.prefill.backup import PromptKVBackup
 
 log = structlog.get_logger(__name__)
 
@@ -40,8 +44,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.engine = engine
         self.channels = channels
         self.transfer = transfer
-        arch = engine.model.arch
+        self.arch = arch = engine.model.arch
         self.vocab_size, self.num_layers = arch.vocab_size, arch.num_layers
+        self.backup = PromptKVBackup(int(transfer.kv_backup_mb * 2**20), transfer.kv_backup_ttl_s)
 
     async def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -70,13 +75,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             link_mbps=self.transfer.kv_link_mbps,
             after_prefill=self.transfer.kv_send_after_prefill,
         )
+        kept = self._keeper(len(request.prompt_token_ids)) if self.backup.enabled and not request.num_generated else None
+
+        def on_layer_kv(layer: int, k, v) -> None:  # engine thread
+            if kept is not None:
+                kept[0][layer].copy_(k)
+                kept[1][layer].copy_(v)
+            sender.on_layer_kv(layer, k, v)
+
         try:
             result = await self.engine.prefill(
                 request.request_id,
                 list(request.prompt_token_ids),
                 sampling,
                 request.max_new_tokens,
-                sender.on_layer_kv,
+                on_layer_kv,
                 num_generated=request.num_generated,
             )
             if sender.gave_up:  # decode took nothing for kv_wait_timeout_s while the forward pass ran
@@ -105,6 +118,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except BaseException:  # cancelled by the gateway, or the engine failed: close the KV stream too
             sender.abort()
             raise
+        if kept is not None:
+            self.backup.put(request.request_id, list(request.prompt_token_ids), *kept)
         metrics.KV_BYTES_SENT.inc(ack.num_bytes)
         metrics.KV_TRANSFER.observe((ack.last_chunk_received_unix_ns - result.forward_start_unix_ns) / 1e9)
         log.info(
@@ -124,10 +139,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             kv=ack,
         )
 
+    def _keeper(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for one prompt's K/V, [L, Hkv, P, D] each, filled layer by layer as the forward pass runs."""
+        a = self.arch
+        shape = (a.num_layers, a.num_kv_heads, num_tokens, a.head_dim)
+        dtype = self.engine.cache.k[0].dtype
+        return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+
     async def GenerateLocal(
         self, request: common_pb2.GenerateLocalRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.TokenDelta]:
-        async for delta in generate_local(self.engine, request, context):
+        # A takeover (num_generated > 0) of a request prefilled here reuses its prompt's K/V.
+        kept = self.backup.get(request.request_id, list(request.prompt_token_ids)) if request.num_generated else None
+        async for delta in generate_local(self.engine, request, context, prefix_kv=kept):
             yield delta
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:

@@ -78,6 +78,9 @@ def test_kill9_of_the_only_decode_service(tiny_model_dir, expected, migrate):
             assert metric(m, "edgellm_migrations_total", 'to="prefill"') >= len(PROMPTS)
             assert metric(m, "edgellm_degraded_requests_total", 'engine="prefill"') >= len(PROMPTS)
             assert metric(m, "edgellm_failures_detected_total") >= 1
+            # the prefill service kept each prompt's KV: the takeovers recomputed only the streamed tokens
+            prefill = scrape(stack.config.network.prefill_metrics_port)
+            assert metric(prefill, "edgellm_kv_backup_hits") >= len(PROMPTS)
     finally:
         stop(stack)
 

@@ -183,3 +183,31 @@ def test_a_takeover_after_sent_tokens_continues_the_same_generation(tiny, num_se
 
     assert [*sent, result.first_token_id, *run_engine(decode, decode_rest)] == expected
     assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
+
+
+@pytest.mark.parametrize("num_sent", [2, 9])
+def test_a_local_takeover_from_a_kept_prompt_kv_equals_recomputing_it(tiny, num_sent):
+    """The prefill service's hot backup: the prompt's K/V kept from its Prefill; a degraded-mode
+    takeover after num_sent tokens computes only those tokens and decodes on as if from scratch."""
+    prompt = prompts(1, seed=10 + num_sent)[0]
+    sampling = SamplingParams(temperature=0.8, top_k=50, seed=99)
+    local = make_engine(tiny)
+    expected = run_engine(local, lambda: collect(local, prompt, 16, sampling))
+
+    a = tiny.model.arch
+    k = torch.zeros(a.num_layers, a.num_kv_heads, len(prompt), a.head_dim)
+    v = torch.zeros_like(k)
+
+    def keep(layer, lk, lv):
+        k[layer], v[layer] = lk, lv
+
+    engine = make_engine(tiny)
+
+    async def prefill_then_take_over():
+        await engine.prefill("r", prompt, sampling, 16, keep)
+        rest = engine.generate("r/2", prompt + expected[:num_sent], sampling, 16, num_generated=num_sent,
+                               prefix_kv=(k, v))
+        return [t async for t, _ in rest]
+
+    assert run_engine(engine, prefill_then_take_over) == expected[num_sent:]
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
