@@ -247,26 +247,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         req.decode_pool = address
 
     async def _until_down(self, items: AsyncIterator[tuple[int, str | None]], route: Route):
-        """items, until the monitor marks a service of `route` down: then PathFailed. A hung
-        service (SIGSTOP, a cut link) keeps its TCP connection open and never fails a stream."""
+        """items, until the monitor marks a service the request depends on down: then PathFailed.
+        A hung service (SIGSTOP, a cut link) keeps its TCP connection open and never fails a stream.
+        On a split route the prefill service matters only until the first token."""
         signals = {asyncio.ensure_future(self.router.down_signal(a).wait()): a for a in (route.prefill, route.decode) if a}
+        step: asyncio.Future | None = None
         try:
             while True:
                 step = asyncio.ensure_future(anext(items))
                 done, _ = await asyncio.wait([step, *signals], return_when=asyncio.FIRST_COMPLETED)
                 if step not in done:
-                    step.cancel()  # cancels the upstream call
-                    await asyncio.wait([step])
                     down = signals[next(iter(done))]
                     raise PathFailed(down, "monitor_verdict", f"the monitor marked {down} down")
                 try:
                     item = step.result()
                 except StopAsyncIteration:
                     return
+                if route.is_split:  # the KV is at decode now: only decode matters
+                    for signal in [f for f, a in signals.items() if a == route.prefill]:
+                        signal.cancel()
+                        del signals[signal]
                 yield item
         finally:
             for signal in signals:
                 signal.cancel()
+            if step is not None and not step.done():
+                step.cancel()  # cancels the upstream call
+                await asyncio.wait([step])
             await items.aclose()
 
     def _attempt(self, req: Request, route: Route, attempt: int) -> AsyncIterator[tuple[int, str | None]]:
