@@ -77,9 +77,7 @@ class Sequence:
     def prefill_token_ids(self) -> list[int]:
         # After a preemption the last sampled token has no KV yet and is fed by the next decode step.
         # A PREFILL_ONLY takeover (num_generated > 0) runs every token: its KV goes to decode whole.
-        if self.num_generated == 0 or self.kind is Kind.PREFILL_ONLY:
-            return self.token_ids
-        return self.token_ids[:-1]
+        return self.token_ids if self.samples_after_prefill else self.token_ids[:-1]
 
     @property
     def samples_after_prefill(self) -> bool:

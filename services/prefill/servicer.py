@@ -17,6 +17,7 @@ tokens already streamed are computed again.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import AsyncIterator
 
 import grpc
@@ -75,7 +76,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             link_mbps=self.transfer.kv_link_mbps,
             after_prefill=self.transfer.kv_send_after_prefill,
         )
-        kept = self._keeper(len(request.prompt_token_ids)) if self.backup.enabled and not request.num_generated else None
+        kept = None if request.num_generated else self._keeper(len(request.prompt_token_ids))
 
         def on_layer_kv(layer: int, k, v) -> None:  # engine thread
             if kept is not None:
@@ -139,11 +140,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             kv=ack,
         )
 
-    def _keeper(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Room for one prompt's K/V, [L, Hkv, P, D] each, filled layer by layer as the forward pass runs."""
+    def _keeper(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Room for one prompt's K/V, [L, Hkv, P, D] each, filled layer by layer as the forward pass
+        runs; None when the backup is off or could not hold it."""
         a = self.arch
         shape = (a.num_layers, a.num_kv_heads, num_tokens, a.head_dim)
         dtype = self.engine.cache.k[0].dtype
+        if 2 * math.prod(shape) * dtype.itemsize > self.backup.max_bytes:
+            return None
         return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
 
     async def GenerateLocal(
