@@ -81,6 +81,13 @@ class ShapedLink:
             raise
         return self
 
+    def cut(self) -> None:
+        """Pull the cable: the decode side's interface goes down; packets are dropped, nothing is reset."""
+        _run(*self.prefix, "ip", "link", "set", self.ns_if, "down")
+
+    def restore(self) -> None:
+        _run(*self.prefix, "ip", "link", "set", self.ns_if, "up")
+
     def __exit__(self, *exc: object) -> None:
         # Deleting one end deletes the pair (and its qdiscs); the namespace goes after it.
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)

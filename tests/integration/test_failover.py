@@ -1,5 +1,6 @@
 """Fault tolerance through real processes: 16 greedy streams in flight, then a decode service is
-killed (-9), hung (SIGSTOP) or cut off (its link goes silent), the monitor dies, or the prefill
+killed (-9), hung (SIGSTOP) or cut off (its network link goes down: a veth pair into its own
+network namespace where root allows, else a TCP proxy stops moving bytes), the monitor dies, or the prefill
 service dies. Every stream must end with the same tokens as a run with no fault.
 
 Each failure test has a negative twin (`--migrate false`) that must lose streams, so a pass
@@ -7,6 +8,7 @@ proves the migration and not luck. Every run counts requests in and results out:
 ends with its text or a clear status, never a hang (the client's deadline would show it).
 """
 
+import contextlib
 import shutil
 import signal
 import time
@@ -14,6 +16,8 @@ import time
 import grpc
 import pytest
 
+from bench import shaped_link
+from bench.shaped_link import ShapedLink
 from bench.streams import FaultRun, run_with_fault_sync
 from edgellm.client import Client
 from edgellm.launch import free_port
@@ -131,22 +135,43 @@ def test_with_two_decode_services_killing_one_moves_its_streams_to_the_other(tin
         stop(stack)
 
 
-@MIGRATE
-def test_a_cut_link_to_decode_is_detected_and_its_streams_move(tiny_model_dir, expected, migrate):
-    """The decode service is reached through a link proxy; the link goes silent (no reset)."""
+@contextlib.contextmanager
+def decode_behind_a_link(tiny_model_dir, migrate):
+    """A stack whose decode service is reached over a link the test can cut: a veth pair into the
+    decode service's own network namespace where this machine allows it (root, iproute2), else a
+    TCP proxy (edgellm.linkproxy). Yields the stack, cut() and restore()."""
+    flags = {"migrate": str(migrate).lower()}
+    if shaped_link.available():
+        with ShapedLink(rate_mbps=1000) as link:
+            config = stack_config(tiny_model_dir, decode_addrs=f"{link.decode_host}:{free_port()}", **flags)
+            stack = start_stack(config, process_prefix={"decode": link.prefix},
+                                process_args={"decode": ["--host", link.decode_host]})
+            try:
+                yield stack, link.cut, link.restore
+            finally:
+                link.restore()
+                stop(stack)
+        return
     decode_port = free_port()
     proxy = LinkProxy(f"127.0.0.1:{decode_port}").start_in_thread()
-    config = stack_config(tiny_model_dir, decode_addrs=proxy.address, migrate=str(migrate).lower())
+    config = stack_config(tiny_model_dir, decode_addrs=proxy.address, **flags)
     stack = start_stack(config, process_args={"decode": ["--decode-port", str(decode_port)]})
     try:
-        run = run_with_fault_sync(stack.address("gateway"), PROMPTS, MAX_TOKENS, fault=proxy.cut)
-        check_outcome(run, expected, migrate)
-        assert metric(gateway_metrics(stack), "edgellm_failures_detected_total", 'source="monitor"') >= 1
-        proxy.restore()
-        stack.wait_mode(monitor_pb2.ROUTE_MODE_NORMAL, timeout_s=30)
+        yield stack, proxy.cut, proxy.restore
     finally:
         proxy.restore()
         stop(stack)
+
+
+@MIGRATE
+def test_a_cut_link_to_decode_is_detected_and_its_streams_move(tiny_model_dir, expected, migrate):
+    """The link to the decode service goes silent (no reset): a pulled cable, a dead WiFi link."""
+    with decode_behind_a_link(tiny_model_dir, migrate) as (stack, cut, restore):
+        run = run_with_fault_sync(stack.address("gateway"), PROMPTS, MAX_TOKENS, fault=cut)
+        check_outcome(run, expected, migrate)
+        assert metric(gateway_metrics(stack), "edgellm_failures_detected_total", 'source="monitor"') >= 1
+        restore()
+        stack.wait_mode(monitor_pb2.ROUTE_MODE_NORMAL, timeout_s=30)
 
 
 def test_monitor_death_interrupts_nothing_and_a_restarted_monitor_resyncs(tiny_model_dir, expected):
