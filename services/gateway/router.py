@@ -53,6 +53,7 @@ class Router:
         )
         self._counter = itertools.count()
         self._down: dict[str, asyncio.Event] = {}
+        self._seen_up: set[str] = set()  # services a monitor table has shown healthy
 
     @property
     def mode(self) -> int:
@@ -84,10 +85,13 @@ class Router:
         for s in table.services:
             signal = self.down_signal(s.address)
             if not s.healthy and not signal.is_set():
-                metrics.FAILURES_DETECTED.labels("monitor").inc()
+                if s.address in self._seen_up:  # a failure, not a service still starting
+                    metrics.FAILURES_DETECTED.labels("monitor").inc()
                 signal.set()
-            elif s.healthy and signal.is_set():
-                self._down[s.address] = asyncio.Event()
+            elif s.healthy:
+                self._seen_up.add(s.address)
+                if signal.is_set():
+                    self._down[s.address] = asyncio.Event()
         self.table = table
 
     async def follow(self, channels: ChannelPool, monitor_address: str) -> None:
