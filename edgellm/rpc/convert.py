@@ -43,6 +43,15 @@ async def check_prompt(context: grpc.aio.ServicerContext, token_ids, vocab_size:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be in [0, {vocab_size})")
 
 
+async def check_num_generated(context: grpc.aio.ServicerContext, request) -> None:
+    """Abort with INVALID_ARGUMENT unless a takeover's num_generated fits its prompt and max_new_tokens
+    (prompt_token_ids ends with those tokens; max_new_tokens counts them)."""
+    if request.max_new_tokens <= request.num_generated or request.num_generated >= len(request.prompt_token_ids):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "need num_generated < max_new_tokens and num_generated < len(prompt)"
+        )
+
+
 async def token_deltas(
     request_id: str, tokens: AsyncIterator[tuple[int, str | None]], context: grpc.aio.ServicerContext
 ) -> AsyncIterator[common_pb2.TokenDelta]:

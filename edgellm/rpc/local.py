@@ -15,7 +15,7 @@ import torch
 
 from edgellm.engine.loop import EngineLoop
 from edgellm.logs import bind_request
-from edgellm.rpc.convert import check_prompt, sampling_from_proto, token_deltas
+from edgellm.rpc.convert import check_num_generated, check_prompt, sampling_from_proto, token_deltas
 from edgellm.v1 import common_pb2
 
 log = structlog.get_logger(__name__)
@@ -30,10 +30,7 @@ async def generate_local(
     """prefix_kv: the K/V of the request's first tokens, kept here from its prefill (hot backup)."""
     bind_request(request.request_id)
     await check_prompt(context, request.prompt_token_ids, engine.model.arch.vocab_size, engine.max_context)
-    if request.max_new_tokens <= request.num_generated or request.num_generated >= len(request.prompt_token_ids):
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, "need num_generated < max_new_tokens and num_generated < len(prompt)"
-        )
+    await check_num_generated(context, request)
     log.info("local_generate", num_prompt_tokens=len(request.prompt_token_ids), num_generated=request.num_generated,
              kept_kv_tokens=0 if prefix_kv is None else prefix_kv[0].shape[2])
     tokens = engine.generate(

@@ -63,7 +63,7 @@ class KVStreamSender:
         self._link_bytes_per_s = link_mbps * 1e6 / 8
         self._link_free_at = 0.0
         self._after_prefill = after_prefill
-        self._held: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        self._held: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]], int]] = []
         self._window = threading.Condition()
         self._max_inflight_bytes = max_inflight_bytes
         self.inflight_bytes = 0
@@ -86,11 +86,12 @@ class KVStreamSender:
         if len(self._pending) == self._layers_per_chunk or layer == self._num_layers - 1:
             group, start = self._pending, self._pending_start
             self._pending = []
-            if self._after_prefill:  # the baseline holds everything until the end by design
-                self._held.append((start, group))
+            if self._after_prefill:  # the baseline holds everything until the end by design (no window)
+                self._held.append((start, group, 0))
             else:
-                self._reserve(sum(k.nbytes + v.nbytes for k, v in group))
-                self._loop.call_soon_threadsafe(self._groups.put_nowait, (start, group))
+                reserved = sum(k.nbytes + v.nbytes for k, v in group)
+                self._reserve(reserved)
+                self._loop.call_soon_threadsafe(self._groups.put_nowait, (start, group, reserved))
 
     def _reserve(self, num_bytes: int) -> None:
         """Engine thread: wait until the window has room (a group larger than the window goes alone).
@@ -146,7 +147,7 @@ class KVStreamSender:
                     first_token_id=item[1],
                 )
                 return
-            start, group = item
+            start, group, reserved = item
             k = torch.stack([k for k, _ in group])  # [layers, kv_heads, S, D]
             v = torch.stack([v for _, v in group])
             chunks = codec.encode(self.request_id, start, k, v, self._max_chunk_bytes, self.num_chunks, self._wire_dtype)
@@ -156,5 +157,5 @@ class KVStreamSender:
                 await self._pace(codec.wire_bytes(chunk))
                 yield chunk
             # gRPC asks for the next message once it has taken this group's last chunk
-            if not self._after_prefill:
-                self._release(sum(k.nbytes + v.nbytes for k, v in group))
+            if reserved:
+                self._release(reserved)

@@ -30,7 +30,7 @@ from edgellm.engine.loop import EngineLoop
 from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.load import engine_load
-from edgellm.rpc.convert import FAILED_SERVICE_KEY, FINISH_TO_WIRE, check_prompt, sampling_from_proto
+from edgellm.rpc.convert import FAILED_SERVICE_KEY, FINISH_TO_WIRE, check_num_generated, check_prompt, sampling_from_proto
 from edgellm.rpc.local import generate_local
 from edgellm.transfer import codec, faults
 from edgellm.transfer.sender import KVStreamSender
@@ -54,10 +54,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     ) -> prefill_pb2.PrefillResponse:
         bind_request(request.request_id)
         await check_prompt(context, request.prompt_token_ids, self.vocab_size, self.engine.max_context)
-        if request.max_new_tokens <= request.num_generated or request.num_generated >= len(request.prompt_token_ids):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "need num_generated < max_new_tokens and num_generated < len(prompt)"
-            )
+        await check_num_generated(context, request)
         if not request.decode_address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "decode_address is required")
         sampling = sampling_from_proto(request.sampling)
