@@ -619,6 +619,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=512, help="perplexity window")
     p.add_argument("--num-prompts", type=int, help="greedy/hybrid prompts (default 50; --quick 5)")
     p.add_argument("--steps", type=int, help="timed decode steps per batch size (default 10; --quick 5)")
+    p.add_argument("--group-sizes", type=comma_list(int), help="perplexity group sizes (default 32,64,128; --quick 64)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for ppl/greedy/hybrid; 0 = every CPU")
     p.add_argument("--service-weights", type=comma_list(str), default=list(SERVICE_WEIGHTS),
                    help="decode weight formats of the services section (default: " + ",".join(SERVICE_WEIGHTS) + ")")
@@ -629,7 +630,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.num_tokens = args.num_tokens or (512 if args.quick else 4096)
     args.num_prompts = args.num_prompts or (5 if args.quick else 50)
     args.steps = args.steps or (5 if args.quick else 10)
-    args.group_sizes = (64,) if args.quick else (32, 64, 128)
+    args.group_sizes = tuple(args.group_sizes or ((64,) if args.quick else (32, 64, 128)))
     args.batches = [1, 8] if args.quick else [1, 8, 32]
     args.service_levels = SERVICE_LEVELS_QUICK if args.quick else SERVICE_LEVELS
     if unknown := set(args.service_weights) - set(cfg.DECODE_WEIGHTS):

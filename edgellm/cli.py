@@ -158,13 +158,16 @@ def _prepare_model(argv: list[str]) -> int:
 
 def _prepare(config: cfg.Config, progress: bool) -> str:
     """Convert the default model (once), and make the decode INT4 checkpoint (once, with a
-    progress bar) so the services find both in the cache."""
+    progress bar) and the INT4 kernel (once per machine) so the services find them in the cache."""
     from edgellm.engine.setup import int4_settings
     from edgellm.engine.weights import resolve_model_dir
+    from edgellm.quant.linear import resolve_kernel
     from edgellm.quant.prepare import prepare_int4
 
     model_dir = resolve_model_dir(config.model.model)
     settings = int4_settings(config.model)
+    if settings is not None:
+        resolve_kernel(config.model.int4_kernel)
     if settings is None or config.model.int4_checkpoint:
         return str(model_dir)
     return str(prepare_int4(config.model.model, settings, progress=progress))

@@ -43,7 +43,7 @@ def load_service_model(model_cfg: ModelConfig, service: str, num_threads: int) -
     int4 = int4_settings(model_cfg) if service == "decode" else None
     if int4 is None:  # prefill (and dense decode) keep full precision
         return load_model(model_cfg.model, model_cfg.dtype_for(service))
-    return load_int4_model(model_cfg.model, int4, model_cfg.int4_checkpoint, num_threads)
+    return load_int4_model(model_cfg.model, int4, model_cfg.int4_checkpoint, num_threads, model_cfg.int4_kernel)
 
 
 def build_engine(

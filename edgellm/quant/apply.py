@@ -12,20 +12,25 @@ import torch
 from torch import nn
 
 from edgellm.engine.model import LlamaModel
-from edgellm.quant.int4 import Int4Embedding, Int4Linear, QuantizedWeight
+from edgellm.quant.int4 import QuantizedWeight
+from edgellm.quant.linear import Int4Embedding, Int4Linear, resolve_kernel
 
 
-def apply_int4(model: LlamaModel, quantized: dict[str, QuantizedWeight], dtype: torch.dtype) -> LlamaModel:
-    """Swap the quantized layers in (in place) and cast what stays dense (norms, an untied
-    embedding, an unquantized LM head) to `dtype`, the decode service's activation dtype."""
+def apply_int4(
+    model: LlamaModel, quantized: dict[str, QuantizedWeight], dtype: torch.dtype, kernel: str = "auto"
+) -> LlamaModel:
+    """Swap the quantized layers in (in place), on `kernel` ("auto", "c" or "torch", see
+    quant/linear.py), and cast what stays dense (norms, an untied embedding, an unquantized LM
+    head) to `dtype`, the decode service's activation dtype."""
     quantized = dict(quantized)
+    kernel = resolve_kernel(kernel)
     for i, layer in enumerate(model.layers):
         attn, mlp = f"layers.{i}.self_attn", f"layers.{i}.mlp"
-        fuse(quantized, layer.self_attn, "qkv_proj", [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"])
-        fuse(quantized, layer.mlp, "gate_up_proj", [f"{mlp}.gate_proj", f"{mlp}.up_proj"])
+        fuse(quantized, layer.self_attn, "qkv_proj", [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], kernel)
+        fuse(quantized, layer.mlp, "gate_up_proj", [f"{mlp}.gate_proj", f"{mlp}.up_proj"], kernel)
     for name, weight in quantized.items():
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, Int4Linear(weight))
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, Int4Linear(weight, kernel))
     if model.arch.tie_word_embeddings and isinstance(model.lm_head, Int4Linear):
         model.embed_tokens = Int4Embedding(model.lm_head, dtype)
     for module in model.modules():
@@ -36,7 +41,9 @@ def apply_int4(model: LlamaModel, quantized: dict[str, QuantizedWeight], dtype: 
     return model
 
 
-def fuse(quantized: dict[str, QuantizedWeight], parent: nn.Module, fused_attr: str, names: list[str]) -> None:
+def fuse(
+    quantized: dict[str, QuantizedWeight], parent: nn.Module, fused_attr: str, names: list[str], kernel: str
+) -> None:
     """Stack layers' INT4 weights along the output dimension into parent.<fused_attr> and drop
     the separate layers. Skipped unless all are quantized alike (group size, outlier channels)."""
     parts = [quantized.get(n) for n in names]
@@ -54,7 +61,7 @@ def fuse(quantized: dict[str, QuantizedWeight], parent: nn.Module, fused_attr: s
         channels[0],
         None if channels[0] is None else torch.cat([p.outlier_residual for p in parts]),
     )
-    setattr(parent, fused_attr, Int4Linear(fused))
+    setattr(parent, fused_attr, Int4Linear(fused, kernel))
     for name in names:
         delattr(parent, name.rpartition(".")[2])
         del quantized[name]

@@ -24,7 +24,14 @@ import torch
 
 from edgellm.engine.kv_cache import ForwardBatch
 from edgellm.engine.model import LlamaModel
-from edgellm.quant.int4 import QuantizedWeight, dequantize, fit_group_size, group_range, quantize_groups
+from edgellm.quant.int4 import (
+    QuantizedWeight,
+    dequantize,
+    fit_group_size,
+    group_range,
+    param_exponents,
+    quantize_groups,
+)
 
 SCALE_GRID = 20  # alpha in 0, 1/20, ..., 19/20 (alpha = 0 is plain round-to-nearest)
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(10))  # shrink each group's range by up to 45 %
@@ -151,19 +158,20 @@ def quantize_weight(
     g = fit_group_size(k, group_size)
     w = _without(weight.float(), channels)
     lo, hi = group_range(w, g)
+    exponents = param_exponents(lo, hi)  # clipping only narrows ranges: every candidate fits
     if clip and stats is not None:
         h = _masked_hessian(stats, channels)
         blocks = h.view(k // g, g, k // g, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, g, g]
         best_err = torch.full(lo.shape, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
         for ratio in CLIP_RATIOS:
-            delta = (_fake_quant(w, g, lo * ratio, hi * ratio) - w).view(n, k // g, g).transpose(0, 1)  # [G, N, g]
+            delta = (dequantize(*quantize_groups(w, g, lo * ratio, hi * ratio, exponents), g) - w).view(n, k // g, g).transpose(0, 1)  # [G, N, g]
             err = ((delta @ blocks) * delta).sum(-1).t()  # [N, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_lo, best_hi = (torch.where(better, lo * ratio, best_lo), torch.where(better, hi * ratio, best_hi))
         lo, hi = best_lo, best_hi
-    codes, scales, zeros = quantize_groups(w, g, lo, hi)
+    codes, scales, zeros = quantize_groups(w, g, lo, hi, exponents)
     residual = None
     if channels is not None:
         residual = (weight.float() - dequantize(codes, scales, zeros, g))[:, channels]

@@ -1,8 +1,10 @@
 """The portable INT4 checkpoint: one safetensors file, made once, checked on every load.
 
 Per quantized layer NAME: NAME.qweight (uint8 [N, K/2], two 4-bit codes a byte, even k in the
-low nibble), NAME.scales and NAME.zeros (bf16 [N, K/g]; W = (q - 8) * scale + zero), and with
-outlier channels NAME.outlier_channels (int64 [k]) and NAME.outlier_residual (bf16 [N, k]).
+low nibble), the group parameters as grid codes (quant/int4.py): NAME.scale_codes (uint8
+[N, K/g]), NAME.zero_codes (int8 [N, K/g]), NAME.scale_exp and NAME.zero_exp (int8 [N]), so
+W = (q - 8) * scale_code * 2**scale_exp + zero_code * 2**zero_exp; and with outlier channels
+NAME.outlier_channels (int64 [k]) and NAME.outlier_residual (bf16 [N, k]).
 Everything else the decode model needs (RMSNorm weights with the AWQ scales folded in, an
 untied embedding) is stored dense under its own name. Nothing here is specific to the CPU
 kernel: the kernel packing happens at load time, so the file can be made on one machine
@@ -28,7 +30,7 @@ from safetensors.torch import save_file
 from edgellm.quant.int4 import QuantizedWeight, pack_nibbles, unpack_nibbles
 
 FORMAT = "edgellm-int4"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 
 class CheckpointError(ValueError):
@@ -65,8 +67,9 @@ def save(
     tensors: dict[str, torch.Tensor] = {}
     for name, q in quantized.items():
         tensors[f"{name}.qweight"] = pack_nibbles(q.codes).contiguous()
-        tensors[f"{name}.scales"] = q.scales.bfloat16().contiguous()
-        tensors[f"{name}.zeros"] = q.zeros.bfloat16().contiguous()
+        param_codes = q.param_codes()
+        for part, tensor in zip(("scale_codes", "zero_codes", "scale_exp", "zero_exp"), param_codes):
+            tensors[f"{name}.{part}"] = tensor.contiguous()
         if q.outlier_channels is not None:
             tensors[f"{name}.outlier_channels"] = (
                 q.outlier_channels.long().clone()
@@ -112,10 +115,13 @@ def load(
             )
     quantized: dict[str, QuantizedWeight] = {}
     for name in json.loads(meta["quantized"]):
+        parts = ("qweight", "scale_codes", "zero_codes", "scale_exp", "zero_exp")
+        if missing := [f"{name}.{part}" for part in parts if f"{name}.{part}" not in tensors]:
+            raise CheckpointError(f"quantized checkpoint {path} lacks {missing[0]}; delete it to rebuild")
+        packed, scale_codes, zero_codes, scale_exp, zero_exp = (tensors.pop(f"{name}.{part}") for part in parts)
+        scales = scale_codes.float() * torch.exp2(scale_exp.float())[:, None]
+        zeros = zero_codes.float() * torch.exp2(zero_exp.float())[:, None]
         channels = tensors.pop(f"{name}.outlier_channels", None)
         residual = tensors.pop(f"{name}.outlier_residual", None)
-        codes = unpack_nibbles(tensors.pop(f"{name}.qweight"))
-        quantized[name] = QuantizedWeight(
-            codes, tensors.pop(f"{name}.scales").float(), tensors.pop(f"{name}.zeros").float(), channels, residual
-        )
+        quantized[name] = QuantizedWeight(unpack_nibbles(packed), scales, zeros, channels, residual)
     return quantized, tensors, meta

@@ -1,26 +1,30 @@
-"""INT4 weights for decode: asymmetric per-group codes, and torch's CPU int4 kernel.
+"""INT4 weights for decode: asymmetric per-group codes on a compact parameter grid.
 
 A weight W [N, K] is split along K into groups of `group_size`. Each group stores 4-bit codes
 q in [0, 15], a scale and a zero, and W ~= (q - 8) * scale + zero: the convention of torch's
-tinygemm-style kernels (gpt-fast's too), so scales and zeros go to the kernel unchanged. Both
-are kept as bf16 values from the start, so the dequantized reference is exactly what the
-kernel computes with. `aten._weight_int4pack_mm_for_cpu` wants bf16 activations (with fp32
-activations it is 10-25x slower, see issue 4): Int4Linear casts its input to bf16 and back.
+tinygemm-style kernels (gpt-fast's too). Scales and zeros are not free floats: each is an
+8-bit code times a power of two shared by its output row (scale = code * 2**e_s, code in
+[1, 255]; zero = code * 2**e_z, code in [-127, 127]), so a group costs 16 bits of parameters
+instead of 32 (4.5 instead of 5 bits a weight at group 32; see quant/linear.py for the
+kernels that read them). The codes are rounded against the grid values, so they absorb the
+grid's error; every grid value is exact in bf16 and fp32, so the dequantized reference is
+exactly what either kernel computes with.
 
 Outlier channels (the MixQ idea): a few input channels whose activations are large are
-corrected exactly by a small bf16 side matmul, out += x[:, idx] @ residual.T, where residual
+corrected exactly by a small side matmul, out += x[:, idx] @ residual.T, where residual
 is the full-precision weight minus its INT4 approximation on those channels.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 GROUP_SIZES = (32, 64, 128)
+SCALE_CODE_MAX = 255  # scale = code * 2**scale_exp[row], code a uint8 in [1, 255]
+ZERO_CODE_MAX = 127  # zero = code * 2**zero_exp[row], code an int8 in [-127, 127]
+MIN_SCALE = 2.0**-100
 
 
 def fit_group_size(in_features: int, group_size: int) -> int:
@@ -41,21 +45,39 @@ def group_range(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     return groups.amin(-1), groups.amax(-1)
 
 
+def param_exponents(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output row, the powers of two that scale and zero codes count in: the smallest that
+    let the row's largest scale (zero) fit in SCALE_CODE_MAX (ZERO_CODE_MAX) steps. int32 [N]."""
+    scales = ((hi - lo) / 15).clamp(min=MIN_SCALE)
+    zeros = lo + 8 * scales
+    scale_exp = torch.ceil(torch.log2(scales.amax(1) / SCALE_CODE_MAX))
+    zero_exp = torch.ceil(torch.log2(zeros.abs().amax(1).clamp(min=MIN_SCALE) / ZERO_CODE_MAX))
+    return scale_exp.int(), zero_exp.int()
+
+
 def quantize_groups(
-    weight: torch.Tensor, group_size: int, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
+    weight: torch.Tensor,
+    group_size: int,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+    exponents: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> codes uint8 [N, K] in [0, 15], scales and zeros (bf16 values, fp32) [N, K/g].
+    """weight [N, K] -> codes uint8 [N, K] in [0, 15], scales and zeros (fp32) [N, K/g].
 
     Round to nearest over each group's [lo, hi]; by default its min and max, narrower when a
-    clipping search chose so (values outside are clamped).
+    clipping search chose so (values outside are clamped). Scales and zeros land on their
+    row's grid (param_exponents of the unclipped range unless `exponents` is given), and the
+    codes are rounded against those grid values, so they absorb the grid's error.
     """
     n, k = weight.shape
     if group_size not in GROUP_SIZES or k % group_size:
         raise ValueError(f"group_size must be one of {GROUP_SIZES} and divide K={k}")
     if lo is None or hi is None:
         lo, hi = group_range(weight, group_size)
-    scales = ((hi - lo) / 15).clamp(min=1e-6).bfloat16().float()
-    zeros = (lo + 8 * scales).bfloat16().float()
+    scale_exp, zero_exp = param_exponents(lo, hi) if exponents is None else exponents
+    scale_unit, zero_unit = torch.exp2(scale_exp.float())[:, None], torch.exp2(zero_exp.float())[:, None]
+    scales = ((hi - lo) / 15 / scale_unit).round().clamp(1, SCALE_CODE_MAX) * scale_unit
+    zeros = ((lo + 8 * scales) / zero_unit).round().clamp(-ZERO_CODE_MAX, ZERO_CODE_MAX) * zero_unit
     groups = weight.float().view(n, k // group_size, group_size)
     codes = ((groups - zeros[..., None]) / scales[..., None] + 8).round().clamp(0, 15).to(torch.uint8)
     return codes.view(n, k), scales, zeros
@@ -76,6 +98,18 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], -1)
 
 
+def grid_codes(values: torch.Tensor, code_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """values [N, G] = codes * 2**exp[row] -> (codes fp32 [N, G], exp int8 [N]), with the
+    smallest exponent that keeps |codes| <= code_max. Values quantize_groups made always fit
+    (their exponent may only be larger, and then their codes scale up by a power of two)."""
+    values = values.detach()
+    exp = torch.ceil(torch.log2(values.abs().amax(1).clamp(min=MIN_SCALE) / code_max))
+    codes = values * torch.exp2(-exp)[:, None]
+    if not torch.equal(codes, codes.round()) or float(codes.abs().max()) > code_max:
+        raise ValueError("INT4 scales or zeros are off their grid (code * 2**exponent)")
+    return codes, exp.to(torch.int8)
+
+
 @dataclass
 class QuantizedWeight:
     """The portable form of one INT4 linear layer (what the checkpoint stores)."""
@@ -90,101 +124,16 @@ class QuantizedWeight:
     def group_size(self) -> int:
         return self.codes.shape[1] // self.scales.shape[1]
 
+    def param_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scales and zeros as their grid codes: (scale codes uint8 [N, G], zero codes int8
+        [N, G], scale and zero exponents int8 [N]). Raises ValueError if they are off the grid."""
+        scale_codes, scale_exp = grid_codes(self.scales, SCALE_CODE_MAX)
+        zero_codes, zero_exp = grid_codes(self.zeros, ZERO_CODE_MAX)
+        return scale_codes.to(torch.uint8), zero_codes.to(torch.int8), scale_exp, zero_exp
+
     def dequantize(self) -> torch.Tensor:
         """The effective weight [N, K] in fp32: the reference path the tests hold the kernel to."""
         weight = dequantize(self.codes, self.scales, self.zeros, self.group_size)
         if self.outlier_channels is not None:
             weight[:, self.outlier_channels] += self.outlier_residual.float()
         return weight
-
-
-@functools.cache
-def cpu_pack_block_n() -> int | None:
-    """How many output rows the CPU packing interleaves, found by asking the packer itself.
-
-    The packed layout is [N / B, K, B / 2] bytes, row n's code in the low nibble of byte
-    n % (B/2) and row n + B/2's in the high nibble. B depends on the CPU's vector width;
-    embedding lookups read rows straight from it, so we check instead of assuming.
-    """
-    k = 64
-    codes = torch.randint(0, 16, (256, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    for block in (64, 32, 16, 128):
-        rows = torch.arange(256)
-        if torch.equal(_rows_from_cpu_pack(packed, rows, k, block).int(), codes):
-            return block
-    return None
-
-
-def _rows_from_cpu_pack(packed: torch.Tensor, rows: torch.Tensor, k: int, block: int) -> torch.Tensor:
-    tiles = packed.view(-1, k, block // 2)[rows // block]  # [R, K, B/2]
-    lane = (rows % (block // 2))[:, None, None].expand(-1, k, 1)
-    byte = tiles.gather(2, lane).squeeze(2)  # [R, K]
-    high = (rows % block >= block // 2)[:, None]
-    return torch.where(high, byte >> 4, byte & 0xF)
-
-
-
-
-class Int4Linear(nn.Module):
-    """y = x @ W.T with W in INT4 (torch's CPU kernel, bf16 activations), plus outlier channels."""
-
-    def __init__(self, weight: QuantizedWeight) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.codes.shape
-        self.group_size = weight.group_size
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.int(), 1))
-        # The kernel wants [K/g, N, 2]: (scale, zero) per group and output row.
-        self.register_buffer(
-            "scales_and_zeros", torch.stack([weight.scales.t(), weight.zeros.t()], -1).bfloat16().contiguous()
-        )
-        self.outlier_channels = weight.outlier_channels
-        # [k, N] in fp32 (bf16 values): a k x N product in bf16 takes torch's slow path on CPUs
-        # without AMX, 3-4x slower than fp32 here; the side matmul is tiny either way.
-        self.outlier_residual_t = (
-            None if weight.outlier_residual is None else weight.outlier_residual.bfloat16().float().t().contiguous()
-        )
-        block = cpu_pack_block_n()
-        self._block_n = block if block is not None and self.out_features % block == 0 else None
-        # Rows for embedding lookups come from the packed kernel weight; if this CPU's packing is
-        # not the layout we know, keep a plain copy of the codes instead (more memory, still right).
-        self._plain_codes = None if self._block_n is not None else pack_nibbles(weight.codes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
-        if self.outlier_channels is not None:
-            side = x2.index_select(1, self.outlier_channels).float() @ self.outlier_residual_t
-            out = out.add_(side.to(torch.bfloat16))
-        return out.to(x.dtype).view(*shape[:-1], self.out_features)
-
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Dequantized rows W[index] in bf16: the embedding lookup of a tied LM head."""
-        if self._block_n is not None:
-            codes = _rows_from_cpu_pack(self.packed, index, self.in_features, self._block_n)
-        else:
-            codes = unpack_nibbles(self._plain_codes[index])
-        g = self.group_size
-        sz = self.scales_and_zeros[:, index].float()  # [K/g, R, 2]
-        groups = codes.view(len(index), -1, g).float() - 8
-        rows = (groups * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).view(len(index), -1)
-        if self.outlier_channels is not None:
-            rows[:, self.outlier_channels] += self.outlier_residual_t[:, index].t()
-        return rows.bfloat16()
-
-    def weight_bytes(self) -> int:
-        tensors = [self.packed, self.scales_and_zeros, self.outlier_residual_t, self._plain_codes]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-class Int4Embedding(nn.Module):
-    """Token embeddings read from an INT4 matrix (the tied LM head's, so it is stored once)."""
-
-    def __init__(self, table: Int4Linear, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.table = [table]  # a list: not registered twice as a submodule when it is the LM head
-        self.dtype = dtype
-
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.table[0].rows(token_ids.reshape(-1)).to(self.dtype).view(*token_ids.shape, -1)

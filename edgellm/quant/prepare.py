@@ -64,7 +64,8 @@ class Int4Settings:
 
 def checkpoint_path(model_dir: pathlib.Path, settings: Int4Settings) -> pathlib.Path:
     name = f"{settings.method}-g{settings.group_size}-o{settings.outliers}{'' if settings.lm_head else '-densehead'}"
-    return cache_dir() / "int4" / f"{model_dir.name}-{checkpoint.model_fingerprint(model_dir)}" / f"{name}.safetensors"
+    folder = cache_dir() / "int4" / f"{model_dir.name}-{checkpoint.model_fingerprint(model_dir)}"
+    return folder / f"{name}-v{checkpoint.FORMAT_VERSION}.safetensors"  # a new format never meets an old file
 
 
 def calibration_windows(model_dir: pathlib.Path) -> list[list[int]]:
@@ -147,10 +148,12 @@ def _prepare_on_worker_thread(model: str, settings: Int4Settings, num_threads: i
     return result[0]
 
 
-def load_int4_model(model: str, settings: Int4Settings, path: str = "", num_threads: int = 1) -> LoadedModel:
-    """The decode model with INT4 weights (bf16 activations), built from the checkpoint at
-    `path` (default: the cache, made now if missing, with num_threads). A corrupt or
-    mismatched file raises checkpoint.CheckpointError."""
+def load_int4_model(
+    model: str, settings: Int4Settings, path: str = "", num_threads: int = 1, kernel: str = "auto"
+) -> LoadedModel:
+    """The decode model with INT4 weights (bf16 activations) on `kernel` (quant/linear.py),
+    built from the checkpoint at `path` (default: the cache, made now if missing, with
+    num_threads). A corrupt or mismatched file raises checkpoint.CheckpointError."""
     from transformers import AutoConfig
 
     model_dir = resolve_model_dir(model)
@@ -165,7 +168,7 @@ def load_int4_model(model: str, settings: Int4Settings, path: str = "", num_thre
         dense["lm_head.weight"] = dense["embed_tokens.weight"]
     llama.load_state_dict(dense, strict=False, assign=True)
     llama.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
-    apply_int4(llama, quantized, torch.bfloat16)
+    apply_int4(llama, quantized, torch.bfloat16, kernel)
     missing = [n for n, p in llama.named_parameters() if p.is_meta]
     if missing:
         raise checkpoint.CheckpointError(f"quantized checkpoint {file} lacks weights for {missing[:5]}")

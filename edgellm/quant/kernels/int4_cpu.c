@@ -1,0 +1,221 @@
+/* INT4 matrix multiply for CPU decode: y = x @ W.T with W in 4-bit codes and 8-bit group
+ * parameters, about 4.6 bits a weight (torch's int4 kernel needs bf16 parameters: 5 bits at
+ * group 32). Plain C written for the compiler's auto-vectoriser (-O3 -march=native), so the
+ * same file serves AVX-512, AVX2 and NEON (the Jetsons).
+ *
+ * Layout (made at load time by edgellm/quant/int4_kernel.py from the portable checkpoint):
+ *   codes   uint8 [N/32, K, 16]  byte (t, k, j) = q(32t + j, k) | q(32t + 16 + j, k) << 4
+ *   scodes  uint8 [N/32, G, 32]  scale code of group g for row 32t + l
+ *   zcodes  int8  [N/32, G, 32]  zero code, likewise
+ *   sexp, zexp  int8 [N]         row r's scale = scode * 2^sexp[r], zero = zcode * 2^zexp[r]
+ * W[n, k] = (q - 8) * scale + zero for k in group g = k / group. So for one group,
+ *   sum_k W[n,k] x[k] = scale * sum_k q x[k] + (zero - 8 scale) * sum_k x[k].
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 32
+#define HALF 16
+#define MCHUNK 8
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 8192 /* ahead of the codes being read: measured best of 512..16384 */
+#endif
+
+static inline float pow2f(int e) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)(e + 127) << 23; /* exponents stay in the normal range (quant/int4.py) */
+    return v.f;
+}
+
+/* Scales and (zero - 8 scale) of one tile's group g. */
+static inline void group_params(const uint8_t *scodes, const int8_t *zcodes, const float *su, const float *zu,
+                                float *s, float *zp) {
+    for (int l = 0; l < TILE; l++) {
+        s[l] = (float)scodes[l] * su[l];
+        zp[l] = (float)zcodes[l] * zu[l] - 8.0f * s[l];
+    }
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* Rows m0..m0+MC-1 of x against tile t (32 output rows): each step over k unpacks 32 codes
+ * into two vectors once and feeds MC rows of x, so the unpacking is shared and the 2*MC
+ * running dot products stay in registers. MC is a literal at every call site. */
+static inline __attribute__((always_inline)) void tile_avx512(
+    const int MC, const float *x, const float *xsum, int64_t K, int64_t G, int64_t group, const uint8_t *tc,
+    const uint8_t *tsc, const int8_t *tzc, const float *su, const float *zu, float *y, int64_t ldy) {
+    /* code -> float by table lookup: vpermps reads only an index's low 4 bits, so the low
+     * nibble needs no mask and neither needs an int -> float conversion */
+    const __m512 nibble = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 acc_lo[8], acc_hi[8];
+    for (int m = 0; m < MC; m++) acc_lo[m] = acc_hi[m] = _mm512_setzero_ps();
+    const __m512 s_lo_unit = _mm512_loadu_ps(su), s_hi_unit = _mm512_loadu_ps(su + HALF);
+    const __m512 z_lo_unit = _mm512_loadu_ps(zu), z_hi_unit = _mm512_loadu_ps(zu + HALF);
+    const __m512 eight = _mm512_set1_ps(8.0f);
+    for (int64_t g = 0; g < G; g++) {
+        __m512 dot_lo[8], dot_hi[8];
+        for (int m = 0; m < MC; m++) dot_lo[m] = dot_hi[m] = _mm512_setzero_ps();
+        const uint8_t *gc = tc + g * group * HALF;
+        const float *xg = x + g * group;
+        if (MC == 1) { /* one row: a second set of sums (odd k) hides the FMA latency */
+            __m512 odd_lo = _mm512_setzero_ps(), odd_hi = _mm512_setzero_ps();
+            for (int64_t k = 0; k < group; k += 2) {
+                _mm_prefetch((const char *)(gc + k * HALF + PREFETCH_BYTES), _MM_HINT_T0);
+                const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gc + k * HALF)));
+                const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gc + (k + 1) * HALF)));
+                const __m512 x0 = _mm512_set1_ps(xg[k]), x1 = _mm512_set1_ps(xg[k + 1]);
+                dot_lo[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b0, nibble), x0, dot_lo[0]);
+                dot_hi[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), nibble), x0, dot_hi[0]);
+                odd_lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(b1, nibble), x1, odd_lo);
+                odd_hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), nibble), x1, odd_hi);
+            }
+            dot_lo[0] = _mm512_add_ps(dot_lo[0], odd_lo);
+            dot_hi[0] = _mm512_add_ps(dot_hi[0], odd_hi);
+        } else {
+            for (int64_t k = 0; k < group; k++) {
+                if ((k & 3) == 0) _mm_prefetch((const char *)(gc + k * HALF + PREFETCH_BYTES), _MM_HINT_T0);
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gc + k * HALF)));
+                const __m512 lo = _mm512_permutexvar_ps(b, nibble);
+                const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), nibble);
+                for (int m = 0; m < MC; m++) {
+                    const __m512 xv = _mm512_set1_ps(xg[m * K + k]);
+                    dot_lo[m] = _mm512_fmadd_ps(lo, xv, dot_lo[m]);
+                    dot_hi[m] = _mm512_fmadd_ps(hi, xv, dot_hi[m]);
+                }
+            }
+        }
+        const int8_t *zc = tzc + g * TILE;
+        const uint8_t *sc = tsc + g * TILE;
+        const __m512 s_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc))), s_lo_unit);
+        const __m512 s_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + HALF)))), s_hi_unit);
+        const __m512 zp_lo = _mm512_fnmadd_ps(eight, s_lo, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)zc))), z_lo_unit));
+        const __m512 zp_hi = _mm512_fnmadd_ps(eight, s_hi, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(zc + HALF)))), z_hi_unit));
+        for (int m = 0; m < MC; m++) {
+            const __m512 xs = _mm512_set1_ps(xsum[m * G + g]);
+            acc_lo[m] = _mm512_fmadd_ps(s_lo, dot_lo[m], _mm512_fmadd_ps(zp_lo, xs, acc_lo[m]));
+            acc_hi[m] = _mm512_fmadd_ps(s_hi, dot_hi[m], _mm512_fmadd_ps(zp_hi, xs, acc_hi[m]));
+        }
+    }
+    for (int m = 0; m < MC; m++) {
+        _mm512_storeu_ps(y + m * ldy, acc_lo[m]);
+        _mm512_storeu_ps(y + m * ldy + HALF, acc_hi[m]);
+    }
+}
+#endif
+
+/* y[m, :] += sum_j x[m, channels[j]] * residual[j, :]: the outlier channels' exact correction.
+ * residual is bf16 [num_channels, N], read as the top half of an fp32. */
+static void add_outliers(const float *x, int64_t M, int64_t K, int64_t N, const int64_t *channels,
+                         int64_t num_channels, const uint16_t *residual, float *y, int64_t ldy) {
+    for (int64_t m = 0; m < M; m++) {
+        float *ym = y + m * ldy;
+        for (int64_t j = 0; j < num_channels; j++) {
+            const float xv = x[m * K + channels[j]];
+            const uint16_t *r = residual + j * N;
+            for (int64_t n = 0; n < N; n++) {
+                union { uint32_t u; float f; } v;
+                v.u = (uint32_t)r[n] << 16;
+                ym[n] += xv * v.f;
+            }
+        }
+    }
+}
+
+/* x [M, K] fp32, y [M, N] fp32 (row stride ldy); num_channels outlier channels (0: none). */
+void edgellm_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_t group, const uint8_t *codes,
+                         const uint8_t *scodes, const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp,
+                         const int64_t *channels, int64_t num_channels, const uint16_t *residual,
+                         float *y, int64_t ldy) {
+    const int64_t G = K / group, T = N / TILE;
+    float *xsum = malloc((size_t)(M * G) * sizeof(float)); /* [M, G]: each group's sum of x */
+    if (!xsum) return;
+    for (int64_t i = 0; i < M * G; i++) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < group; k++) s += x[i * group + k];
+        xsum[i] = s;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        const uint8_t *tc = codes + t * K * HALF;
+        float su[TILE], zu[TILE];
+        for (int l = 0; l < TILE; l++) {
+            su[l] = pow2f(sexp[t * TILE + l]);
+            zu[l] = pow2f(zexp[t * TILE + l]);
+        }
+#if defined(__AVX512F__)
+        const uint8_t *tsc = scodes + t * G * TILE;
+        const int8_t *tzc = zcodes + t * G * TILE;
+        int64_t m0 = 0;
+        for (; m0 + 8 <= M; m0 += 8)
+            tile_avx512(8, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
+        if (M - m0 >= 4) {
+            tile_avx512(4, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
+            m0 += 4;
+        }
+        if (M - m0 >= 2) {
+            tile_avx512(2, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
+            m0 += 2;
+        }
+        if (M - m0 >= 1)
+            tile_avx512(1, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
+#else
+        float w[128 * TILE]; /* one group's weights as floats, group <= 128 */
+        for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+            const int64_t mc = M - m0 < MCHUNK ? M - m0 : MCHUNK;
+            float acc[MCHUNK][TILE];
+            memset(acc, 0, sizeof(acc));
+            for (int64_t g = 0; g < G; g++) {
+                float s[TILE], zp[TILE];
+                group_params(scodes + (t * G + g) * TILE, zcodes + (t * G + g) * TILE, su, zu, s, zp);
+                const uint8_t *gc = tc + g * group * HALF;
+                for (int64_t k = 0; k < group; k++) {
+                    const uint8_t *b = gc + k * HALF;
+                    for (int j = 0; j < HALF; j++) {
+                        w[k * TILE + j] = (float)(b[j] & 15);
+                        w[k * TILE + j + HALF] = (float)(b[j] >> 4);
+                    }
+                }
+                for (int64_t m = 0; m < mc; m++) {
+                    const float *xg = x + (m0 + m) * K + g * group;
+                    float dot[TILE];
+                    memset(dot, 0, sizeof(dot));
+                    for (int64_t k = 0; k < group; k++) {
+                        const float xv = xg[k];
+                        for (int l = 0; l < TILE; l++) dot[l] += w[k * TILE + l] * xv;
+                    }
+                    const float xs = xsum[(m0 + m) * G + g];
+                    for (int l = 0; l < TILE; l++) acc[m][l] += s[l] * dot[l] + zp[l] * xs;
+                }
+            }
+            for (int64_t m = 0; m < mc; m++) memcpy(y + (m0 + m) * ldy + t * TILE, acc[m], sizeof(acc[m]));
+        }
+#endif
+    }
+    free(xsum);
+    if (num_channels > 0) add_outliers(x, M, K, N, channels, num_channels, residual, y, ldy);
+}
+
+/* The whole weight as fp32 [N, K]: for long inputs (a prompt), where a dense matmul wins. */
+void edgellm_int4_dequantize(int64_t K, int64_t N, int64_t group, const uint8_t *codes, const uint8_t *scodes,
+                             const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp, float *out) {
+    const int64_t G = K / group, T = N / TILE;
+    for (int64_t t = 0; t < T; t++) {
+        float su[TILE], zu[TILE];
+        for (int l = 0; l < TILE; l++) {
+            su[l] = pow2f(sexp[t * TILE + l]);
+            zu[l] = pow2f(zexp[t * TILE + l]);
+        }
+        for (int64_t g = 0; g < G; g++) {
+            float s[TILE], zp[TILE];
+            group_params(scodes + (t * G + g) * TILE, zcodes + (t * G + g) * TILE, su, zu, s, zp);
+            for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                const uint8_t *b = codes + (t * K + k) * HALF;
+                for (int j = 0; j < HALF; j++) {
+                    out[(t * TILE + j) * K + k] = (float)(b[j] & 15) * s[j] + zp[j];
+                    out[(t * TILE + j + HALF) * K + k] = (float)(b[j] >> 4) * s[j + HALF] + zp[j + HALF];
+                }
+            }
+        }
+    }
+}
