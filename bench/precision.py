@@ -14,7 +14,8 @@ Five sections, chosen with --sections (default: all):
           live in the user's cache directory, see edgellm/quant/prepare.py).
   step    one engine decode step, in-process, on a fresh thread with one torch thread (as the
           pinned decode service runs): 60-token prompts, batch 1, 8
-          and 32, for fp32, bf16, int4-awq (default settings) and int4-rtn g64.
+          and 32, for fp32, bf16, int4-awq (default settings, our C kernel), the same int4-awq
+          weights on torch's int4 kernel (--int4-kernel torch), and int4-rtn g64.
   greedy  greedy agreement with fp32: --num-prompts prompts of 60 tokens taken at evenly spaced
           offsets of ../shared/eval/northangerabbey.txt (not the perplexity text), all batched
           through one engine; 32 greedy tokens each (EOS ignored). Reported: the fraction of
@@ -128,11 +129,12 @@ class Variant:
     group_size: int | None = None
     outliers: int | None = None
     lm_head: bool | None = None
+    kernel: str | None = None  # --int4-kernel
 
     def config(self, model: str = "") -> cfg.ModelConfig:
         argv = ["--model", model, "--decode-weights", self.weights]
         for flag, value in (("--int4-group-size", self.group_size), ("--int4-outliers", self.outliers),
-                            ("--int4-lm-head", self.lm_head)):
+                            ("--int4-lm-head", self.lm_head), ("--int4-kernel", self.kernel)):
             argv += [] if value is None else [flag, str(value).lower()]
         return cfg.parse(argv, env={}).model
 
@@ -143,11 +145,13 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return self.int4.label if self.int4 else self.weights
+        kernel = f" ({self.kernel} kernel)" if self.kernel else ""
+        return (self.int4.label if self.int4 else self.weights) + kernel
 
 
 FP32, BF16 = Variant("fp32"), Variant("bf16")
 AWQ, RTN_G64 = Variant("int4-awq"), Variant("int4-rtn", 64)  # AWQ: the service's default settings
+AWQ_TORCH_KERNEL = Variant("int4-awq", kernel="torch")  # the same weights on torch's int4 kernel
 
 
 def ppl_variants(group_sizes: tuple[int, ...]) -> list[Variant]:
@@ -374,7 +378,7 @@ def ppl_section(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def step_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for variant in (FP32, BF16, AWQ, RTN_G64):
+    for variant in (FP32, BF16, AWQ, AWQ_TORCH_KERNEL, RTN_G64):
         model = load(variant, args.model)
         times = [on_fresh_thread(decode_step_ms, model, batch, args.steps) for batch in args.batches]
         for batch, ms in zip(args.batches, times):

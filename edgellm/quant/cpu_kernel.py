@@ -36,8 +36,8 @@ log = structlog.get_logger("edgellm.quant")
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "edgellm_int4_matmul": (_p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, _i64, _p, _p, _i64),
-    "edgellm_int4_dequantize": (_i64, _i64, _i64, _p, _p, _p, _p, _p, _p),
+    "edgellm_int4_matmul": (_p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64),
+    "edgellm_int4_dequantize": (_i64, _i64, _i64, _p, _p, _p, _p, _p, _p, _i64),
 }
 
 
@@ -53,30 +53,44 @@ def _cpu_identity() -> str:
     return f"{platform.machine()}:{flags}"
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
     for name in (os.environ.get("CC", ""), "cc", "gcc", "clang"):
         if name and shutil.which(name):
             return name
     return None
 
 
-def _build(cc: str, target: pathlib.Path) -> None:
+def build(cc: str, target: pathlib.Path, extra_flags: tuple[str, ...] = ()) -> None:
+    """Compile the kernel into `target` (extra_flags: e.g. -mno-avx512f, for the test of the
+    portable path). Raises subprocess.CalledProcessError with the compiler's output."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True, timeout=120)
+        command = [cc, *CFLAGS, *extra_flags, "-o", tmp, str(SOURCE)]
+        try:  # with OpenMP (threads over output tiles) where the compiler has it
+            subprocess.run([*command, "-fopenmp"], check=True, capture_output=True, text=True, timeout=120)
+        except subprocess.CalledProcessError:
+            subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)  # atomic: another process never loads a half-written library
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def load(path: pathlib.Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The kernel library, compiled now if this machine has none cached; None where it cannot
     be had (no compiler, or a failed build), logged once."""
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         log.warning("int4_kernel_unavailable", reason="no C compiler (cc, gcc or clang); using torch's int4 kernel")
         return None
@@ -89,13 +103,9 @@ def library() -> ctypes.CDLL | None:
         if not target.exists():
             with file_lock(target.with_name(f".{target.name}.lock")):
                 if not target.exists():
-                    _build(cc, target)
-        lib = ctypes.CDLL(str(target))
+                    build(cc, target)
+        return load(target)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         log.warning("int4_kernel_unavailable", reason=f"build failed: {detail.strip()[:500]}")
         return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
-    return lib

@@ -108,14 +108,16 @@ class Int4Linear(nn.Module):
             for t0 in range(0, self.tile_codes.shape[0], step):
                 rows = min(step, self.tile_codes.shape[0] - t0) * TILE
                 weight = torch.empty(rows, k)
-                self._lib.edgellm_int4_dequantize(k, rows, self.group_size, *self._tile_args(t0), weight.data_ptr())
+                self._lib.edgellm_int4_dequantize(
+                    k, rows, self.group_size, *self._tile_args(t0), weight.data_ptr(), torch.get_num_threads()
+                )
                 torch.mm(x, weight.t(), out=out[:, t0 * TILE : t0 * TILE + rows])
             out = out[:, : self.out_features]
             return out if self.outlier_channels is None else out + self._outlier_side(x)
         out = torch.empty(m, n_padded)
         self._lib.edgellm_int4_matmul(
             x.data_ptr(), m, k, n_padded, self.group_size, *self._weight_args, *self._outlier_args, out.data_ptr(),
-            n_padded,
+            n_padded, torch.get_num_threads(),
         )
         return out if n_padded == self.out_features else out[:, : self.out_features]
 

@@ -10,7 +10,7 @@ import torch
 
 from edgellm.engine.kv_cache import ForwardBatch
 from edgellm.engine.weights import load_model
-from edgellm.quant import checkpoint
+from edgellm.quant import checkpoint, cpu_kernel
 from edgellm.quant.apply import apply_int4
 from edgellm.quant.awq import awq_quantize, collect_stats, rtn_quantize
 from edgellm.quant.prepare import Int4Settings, build_checkpoint, calibration_windows, load_int4_model
@@ -83,6 +83,19 @@ def test_checkpoint_round_trip_serves_the_same_model(tiny_model_dir, saved):
     assert a.weight_bytes() - embedding < 0.5 * (load_model(tiny_model_dir, "bf16").model.weight_bytes() - embedding)
 
 
+@pytest.mark.skipif(cpu_kernel.library() is None, reason="no C compiler: the C INT4 kernel is unavailable")
+def test_both_int4_kernels_serve_the_same_model(tiny_model_dir, saved):
+    """--int4-kernel c (ours) and torch (torch's) compute the same weights; prompts of 20 and 100
+    tokens take our kernel's register-blocked and dense paths."""
+    ours = load_int4_model(tiny_model_dir, SETTINGS, str(saved), kernel="c").model
+    torchs = load_int4_model(tiny_model_dir, SETTINGS, str(saved), kernel="torch").model
+    assert ours.weight_bytes() < torchs.weight_bytes()
+    for length in (20, 100):
+        ids = list(range(200, 200 + length))
+        cosine = torch.nn.functional.cosine_similarity(logits(ours, ids), logits(torchs, ids), dim=-1)
+        assert float(cosine.min()) > 0.99  # bf16 activations in both; only the kernels' rounding differs
+
+
 def test_a_corrupted_checkpoint_is_rejected(saved, tmp_path):
     data = bytearray(saved.read_bytes())
     data[-100] ^= 0xFF  # a flipped bit in the tensor data
@@ -93,6 +106,25 @@ def test_a_corrupted_checkpoint_is_rejected(saved, tmp_path):
     bad.write_bytes(saved.read_bytes()[: len(data) // 2])  # truncated
     with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
         checkpoint.load(bad, {})
+
+
+def test_a_checkpoint_of_another_format_version_is_rejected(saved, tmp_path):
+    """A v1 file (bf16 scales and zeros) is never read as v2 (8-bit parameter codes)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(saved), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        meta = dict(f.metadata())
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, str(old), metadata={**meta, "format_version": "1"})
+    with pytest.raises(checkpoint.CheckpointError, match="not an edgellm-int4 v2 checkpoint"):
+        checkpoint.load(old, {})
+    del tensors["layers.0.mlp.up_proj.scale_codes"]  # well-formed, checksum right, a part missing
+    partial = tmp_path / "partial.safetensors"
+    save_file(tensors, str(partial), metadata={**meta, "sha256": checkpoint._tensor_digest(tensors)})
+    with pytest.raises(checkpoint.CheckpointError, match="lacks layers.0.mlp.up_proj.scale_codes"):
+        checkpoint.load(partial, {})
 
 
 def test_a_mismatched_checkpoint_is_rejected(tiny_model_dir, saved, tmp_path):

@@ -2,6 +2,8 @@
 (outlier channels included), rows read back from either packing are the weight's rows, group
 parameters sit exactly on their 8-bit grid, and round-to-nearest error is bounded."""
 
+import platform
+
 import pytest
 import torch
 
@@ -143,3 +145,34 @@ def test_group_size_falls_back_when_it_does_not_divide():
     assert fit_group_size(576, 128) == 64 and fit_group_size(1536, 128) == 128
     with pytest.raises(ValueError, match="not a multiple"):
         fit_group_size(48, 32)
+
+
+@needs_c_kernel
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="elsewhere the default build is the portable path")
+def test_the_portable_c_path_matches_the_vector_path(tmp_path):
+    """Built without AVX-512, the kernel takes its plain-C loops (what a Jetson's ARM cores run)."""
+    portable = tmp_path / "int4_portable.so"
+    cpu_kernel.build(cpu_kernel.compiler(), portable, ("-mno-avx512f",))
+    q = quantized_with_outliers(96, 128, 32, [9])
+    layer = Int4Linear(q, "c")
+    layer._lib = cpu_kernel.load(portable)  # the same tiles, read by the other build
+    for num_rows in (1, 5, 11):
+        x = torch.randn(num_rows, 128, generator=torch.Generator().manual_seed(num_rows))
+        reference = x @ q.dequantize().t()
+        assert float((layer(x) - reference).abs().max()) <= 1e-3 * float(reference.abs().max())
+
+
+@needs_c_kernel
+def test_our_kernel_gives_the_same_result_on_any_number_of_threads():
+    q = quantized_with_outliers(320, 128, 32, [4])
+    layer = Int4Linear(q, "c")
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            outputs.append([layer(torch.ones(rows, 128) / rows) for rows in (1, 9, DENSE_MIN_ROWS)])
+    finally:
+        torch.set_num_threads(before)
+    for one, three in zip(*outputs):
+        assert torch.equal(one, three)  # tiles are split between threads, never a sum

@@ -3,6 +3,8 @@
  * group 32). Plain C written for the compiler's auto-vectoriser (-O3 -march=native), so the
  * same file serves AVX-512, AVX2 and NEON (the Jetsons).
  *
+ * Threads: the caller passes its torch thread count; tiles are split between OpenMP threads.
+ *
  * Layout (made at load time by edgellm/quant/int4_kernel.py from the portable checkpoint):
  *   codes   uint8 [N/32, K, 16]  byte (t, k, j) = q(32t + j, k) | q(32t + 16 + j, k) << 4
  *   scodes  uint8 [N/32, G, 32]  scale code of group g for row 32t + l
@@ -127,7 +129,7 @@ static void add_outliers(const float *x, int64_t M, int64_t K, int64_t N, const 
 void edgellm_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_t group, const uint8_t *codes,
                          const uint8_t *scodes, const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp,
                          const int64_t *channels, int64_t num_channels, const uint16_t *residual,
-                         float *y, int64_t ldy) {
+                         float *y, int64_t ldy, int64_t num_threads) {
     const int64_t G = K / group, T = N / TILE;
     float *xsum = malloc((size_t)(M * G) * sizeof(float)); /* [M, G]: each group's sum of x */
     if (!xsum) return;
@@ -136,6 +138,8 @@ void edgellm_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_
         for (int64_t k = 0; k < group; k++) s += x[i * group + k];
         xsum[i] = s;
     }
+    /* tiles are independent: split them between threads (built without OpenMP, this is one) */
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
     for (int64_t t = 0; t < T; t++) {
         const uint8_t *tc = codes + t * K * HALF;
         float su[TILE], zu[TILE];
@@ -198,8 +202,11 @@ void edgellm_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_
 
 /* The whole weight as fp32 [N, K]: for long inputs (a prompt), where a dense matmul wins. */
 void edgellm_int4_dequantize(int64_t K, int64_t N, int64_t group, const uint8_t *codes, const uint8_t *scodes,
-                             const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp, float *out) {
+                             const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp, float *out,
+                             int64_t num_threads) {
     const int64_t G = K / group, T = N / TILE;
+    /* tiles are independent: split them between threads (built without OpenMP, this is one) */
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
     for (int64_t t = 0; t < T; t++) {
         float su[TILE], zu[TILE];
         for (int l = 0; l < TILE; l++) {
