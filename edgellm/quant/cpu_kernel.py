@@ -35,9 +35,10 @@ CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 log = structlog.get_logger("edgellm.quant")
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {
-    "edgellm_int4_matmul": (_p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64),
-    "edgellm_int4_dequantize": (_i64, _i64, _i64, _p, _p, _p, _p, _p, _p, _i64),
+_SIGNATURES = {  # name: (argument types, return type)
+    "edgellm_int4_matmul": ((_p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64),
+                            ctypes.c_int),
+    "edgellm_int4_dequantize": ((_i64, _i64, _i64, _p, _p, _p, _p, _p, _p, _i64), None),
 }
 
 
@@ -80,9 +81,9 @@ def build(cc: str, target: pathlib.Path, extra_flags: tuple[str, ...] = ()) -> N
 
 def load(path: pathlib.Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    for name, argtypes in _SIGNATURES.items():
+    for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 

@@ -81,11 +81,14 @@ class Int4Linear(nn.Module):
         if self.outlier_channels is not None:  # pad the residual's columns like the tiles' rows
             self.outlier_residual_t = F.pad(self.outlier_residual_t, (0, pad)).contiguous()
             self.outlier_channels = self.outlier_channels.long().contiguous()
-        # The buffers are made here and never replaced: their addresses can be kept.
+        # The buffers' addresses, kept between calls (checked each call: a move re-reads them).
         self._weight_args = self._tile_args(0)
-        self._outlier_args = (0, 0, 0) if self.outlier_channels is None else (
-            self.outlier_channels.data_ptr(), len(self.outlier_channels), self.outlier_residual_t.data_ptr()
-        )
+        self._outlier_args = self._outlier_pointers()
+
+    def _outlier_pointers(self) -> tuple[int, int, int]:
+        if self.outlier_channels is None:
+            return (0, 0, 0)
+        return (self.outlier_channels.data_ptr(), len(self.outlier_channels), self.outlier_residual_t.data_ptr())
 
     def _tile_args(self, first_tile: int) -> tuple[int, ...]:
         """Pointers to the tile arrays from tile `first_tile` on."""
@@ -99,27 +102,40 @@ class Int4Linear(nn.Module):
         )
 
     def _matmul_c(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] fp32 -> [M, N] fp32, outlier channels included."""
+        """x [M, K] -> [M, N] in x's dtype (fp32 or bf16 pass straight through the kernel; others
+        go through fp32), outlier channels included."""
         m, k = x.shape
         n_padded = self.tile_codes.shape[0] * TILE
-        if m >= DENSE_MIN_ROWS:
-            out = torch.empty(m, n_padded)
-            step = DENSE_SLICE_ROWS // TILE
-            for t0 in range(0, self.tile_codes.shape[0], step):
-                rows = min(step, self.tile_codes.shape[0] - t0) * TILE
-                weight = torch.empty(rows, k)
-                self._lib.edgellm_int4_dequantize(
-                    k, rows, self.group_size, *self._tile_args(t0), weight.data_ptr(), torch.get_num_threads()
-                )
-                torch.mm(x, weight.t(), out=out[:, t0 * TILE : t0 * TILE + rows])
-            out = out[:, : self.out_features]
-            return out if self.outlier_channels is None else out + self._outlier_side(x)
+        if m < DENSE_MIN_ROWS:
+            x = x.contiguous() if x.dtype in (torch.float32, torch.bfloat16) else x.float().contiguous()
+            if self.tile_codes.data_ptr() != self._weight_args[0]:  # the buffers were moved (module.to(...))
+                self._weight_args = self._tile_args(0)
+                self._outlier_args = self._outlier_pointers()
+            out = torch.empty(m, n_padded, dtype=x.dtype)
+            status = self._lib.edgellm_int4_matmul(
+                x.data_ptr(), m, k, n_padded, self.group_size, *self._weight_args, *self._outlier_args, out.data_ptr(),
+                n_padded, x.dtype == torch.bfloat16, torch.get_num_threads(),
+            )
+            if status != 0:
+                raise MemoryError("INT4 kernel: out of memory for its scratch buffers")
+            return out if n_padded == self.out_features else out[:, : self.out_features]
+        return self._dense_matmul(x.float().contiguous())
+
+    def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Long inputs: dequantize slices of the weight to fp32, dense matmul (fp32 in and out)."""
+        m, k = x.shape
+        n_padded = self.tile_codes.shape[0] * TILE
         out = torch.empty(m, n_padded)
-        self._lib.edgellm_int4_matmul(
-            x.data_ptr(), m, k, n_padded, self.group_size, *self._weight_args, *self._outlier_args, out.data_ptr(),
-            n_padded, torch.get_num_threads(),
-        )
-        return out if n_padded == self.out_features else out[:, : self.out_features]
+        step = DENSE_SLICE_ROWS // TILE
+        for t0 in range(0, self.tile_codes.shape[0], step):
+            rows = min(step, self.tile_codes.shape[0] - t0) * TILE
+            weight = torch.empty(rows, k)
+            self._lib.edgellm_int4_dequantize(
+                k, rows, self.group_size, *self._tile_args(t0), weight.data_ptr(), torch.get_num_threads()
+            )
+            torch.mm(x, weight.t(), out=out[:, t0 * TILE : t0 * TILE + rows])
+        out = out[:, : self.out_features]
+        return out if self.outlier_channels is None else out + self._outlier_side(x)
 
     def _outlier_side(self, x: torch.Tensor) -> torch.Tensor:
         side = x.index_select(1, self.outlier_channels).float() @ self.outlier_residual_t.float()
@@ -163,7 +179,7 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "c":
-            out = self._matmul_c(x2.float().contiguous())  # no copy when x is fp32 and contiguous already
+            out = self._matmul_c(x2)
         else:
             out = self._matmul_torch(x2)
             if self.outlier_channels is not None:

@@ -125,14 +125,16 @@ static void add_outliers(const float *x, int64_t M, int64_t K, int64_t N, const 
     }
 }
 
-/* x [M, K] fp32, y [M, N] fp32 (row stride ldy); num_channels outlier channels (0: none). */
-void edgellm_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_t group, const uint8_t *codes,
-                         const uint8_t *scodes, const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp,
-                         const int64_t *channels, int64_t num_channels, const uint16_t *residual,
-                         float *y, int64_t ldy, int64_t num_threads) {
+/* x [M, K] fp32, y [M, N] fp32 (row stride ldy); num_channels outlier channels (0: none).
+ * Returns 0, or -1 when out of memory (y untouched). */
+static int matmul_f32(const float *x, int64_t M, int64_t K, int64_t N, int64_t group, const uint8_t *codes,
+                       const uint8_t *scodes, const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp,
+                       const int64_t *channels, int64_t num_channels, const uint16_t *residual,
+                       float *y, int64_t ldy, int64_t num_threads) {
     const int64_t G = K / group, T = N / TILE;
-    float *xsum = malloc((size_t)(M * G) * sizeof(float)); /* [M, G]: each group's sum of x */
-    if (!xsum) return;
+    float xsum_small[8 * 64];
+    float *xsum = M * G <= 8 * 64 ? xsum_small : malloc((size_t)(M * G) * sizeof(float)); /* [M, G]: each group's sum of x */
+    if (!xsum) return -1;
     for (int64_t i = 0; i < M * G; i++) {
         float s = 0.0f;
         for (int64_t k = 0; k < group; k++) s += x[i * group + k];
@@ -196,8 +198,45 @@ void edgellm_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_
         }
 #endif
     }
-    free(xsum);
+    if (xsum != xsum_small) free(xsum);
     if (num_channels > 0) add_outliers(x, M, K, N, channels, num_channels, residual, y, ldy);
+    return 0;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* y = x @ W.T (+ outlier channels). x [M, K] and y [M, ldy] are fp32 or bf16 (is_bf16): a bf16
+ * decode model's activations go in and out without a separate conversion on the torch side;
+ * inside, everything is fp32. Returns 0, or -1 when out of memory (y untouched). */
+int edgellm_int4_matmul(const void *x, int64_t M, int64_t K, int64_t N, int64_t group, const uint8_t *codes,
+                        const uint8_t *scodes, const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp,
+                        const int64_t *channels, int64_t num_channels, const uint16_t *residual, void *y,
+                        int64_t ldy, int64_t is_bf16, int64_t num_threads) {
+    if (!is_bf16)
+        return matmul_f32((const float *)x, M, K, N, group, codes, scodes, zcodes, sexp, zexp, channels,
+                          num_channels, residual, (float *)y, ldy, num_threads);
+    float *xf = malloc((size_t)(M * K + M * N) * sizeof(float));
+    if (!xf) return -1;
+    float *yf = xf + M * K;
+    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    const int status = matmul_f32(xf, M, K, N, group, codes, scodes, zcodes, sexp, zexp, channels, num_channels,
+                                  residual, yf, N, num_threads);
+    if (status == 0)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) ((uint16_t *)y)[m * ldy + n] = f32_to_bf16(yf[m * N + n]);
+    free(xf);
+    return status;
 }
 
 /* The whole weight as fp32 [N, K]: for long inputs (a prompt), where a dense matmul wins. */
