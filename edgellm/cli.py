@@ -27,8 +27,9 @@ def _up(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="edgellm up", description="Start the four services locally.")
     cfg.add_arguments(parser)
     config = cfg.from_namespace(parser.parse_args(argv))
-    from edgellm.launch import Stack, service_port
+    from edgellm.launch import Stack, service_port, split_engine_cpus
 
+    config = split_engine_cpus(config, tuple(sorted(os.sched_getaffinity(0))))
     # Convert (and quantize) once here, with a progress bar, not inside three services at once.
     _prepare(config, progress=True)
     stack = Stack(config)
@@ -39,7 +40,9 @@ def _up(argv: list[str]) -> int:
         stack.start_and_wait()
         print("EdgeLLM is up:", flush=True)
         for name in stack.services:
-            print(f"  {name:<8} {config.network.host}:{service_port(name, config)}", flush=True)
+            cpus = getattr(config.placement, f"{name}_cpus", "") if name in ("prefill", "decode") else ""
+            where = f"  (CPUs {cpus})" if cpus else ""
+            print(f"  {name:<8} {config.network.host}:{service_port(name, config)}{where}", flush=True)
         print("Try: edgellm generate 'What is the capital of France?'   (Ctrl-C stops all)", flush=True)
         while not stop.is_set():
             for name, proc in stack.procs.items():

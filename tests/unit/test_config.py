@@ -60,3 +60,14 @@ def test_precision_per_phase():
     assert not c.model.int4
     c = cfg.parse(["--decode-weights", "int4-rtn", "--int4-group-size", "32"], env={})
     assert c.model.int4 and c.model.dtype_for("decode") == "bf16"
+
+
+def test_up_gives_the_two_engines_disjoint_cpus_unless_placed():
+    from edgellm.launch import split_engine_cpus
+
+    split = split_engine_cpus(cfg.parse([], env={}), (0, 1, 2))
+    assert (split.placement.prefill_cpus, split.placement.decode_cpus) == ("0,1", "2")
+    assert split.placement.cpus("prefill") == (0, 1) and split.placement.threads("decode") == 0  # threads follow
+    placed = cfg.parse(["--decode-cpus", "1"], env={})
+    assert split_engine_cpus(placed, (0, 1)) == placed
+    assert split_engine_cpus(cfg.parse([], env={}), (0,)).placement.prefill_cpus == ""
