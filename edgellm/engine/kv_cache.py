@@ -30,6 +30,15 @@ class ForwardBatch:
     prefix_slots: list[torch.Tensor | None] | None = None
 
 
+@dataclass(frozen=True)
+class ContextView:
+    """Where a decode step's contexts live in the cache: the same for every layer, so the model
+    computes it once per step."""
+
+    slots: torch.Tensor  # [B, L] cache slot of each context position (beyond a context: padding)
+    mask: torch.Tensor  # [B, 1, 1, L] True for positions inside the context (SDPA's boolean mask)
+
+
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -51,8 +60,13 @@ class PagedKVCache:
         self.k[layer][slots] = k.to(self.k[layer].dtype)
         self.v[layer][slots] = v.to(self.v[layer].dtype)
 
-    def gather(self, layer: int, block_tables: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of each sequence's first max_len slots: [B, Hkv, max_len, D] (beyond a context: garbage, masked)."""
-        num_seqs, max_blocks = block_tables.shape
+    def context_view(self, block_tables: torch.Tensor, context_lens: torch.Tensor, max_len: int) -> ContextView:
+        """The slots of each sequence's first max_len positions, and which of them are its context."""
+        num_seqs, _ = block_tables.shape
         slots = (block_tables[:, :, None] * self.block_size + torch.arange(self.block_size)).view(num_seqs, -1)[:, :max_len]
+        mask = torch.arange(max_len)[None, :] < context_lens[:, None]  # [B, L]
+        return ContextView(slots, mask[:, None, None, :])
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V at slots [B, L] (a ContextView's): [B, Hkv, L, D]."""
         return self.k[layer][slots].transpose(1, 2), self.v[layer][slots].transpose(1, 2)

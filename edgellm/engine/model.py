@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgellm.engine.kv_cache import ForwardBatch, PagedKVCache
+from edgellm.engine.kv_cache import ContextView, ForwardBatch, PagedKVCache
 
 # Called after layer i with that layer's K and V for the batch's new tokens: [T, kv_heads, head_dim].
 LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -72,10 +72,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference implementation, then cast back.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in fp32 like the reference implementation, then cast back (torch's fused
+        # rms_norm: one op instead of five, the same arithmetic).
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(arch: LlamaArch) -> torch.Tensor:
@@ -110,19 +109,31 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None  # q, k, v fused into one layer (INT4 decode), else None
         self.split_sizes = [arch.num_heads * arch.head_dim, *[arch.num_kv_heads * arch.head_dim] * 2]
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.qkv_proj is not None:  # one kernel call instead of three: they read the same input
-            return self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q and k with RoPE applied, and v, each [T, heads, D]."""
+        num_tokens, h, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            # one kernel call instead of three (they read the same input), and one RoPE over the
+            # q and k heads side by side
+            qkv = self.qkv_proj(x).view(num_tokens, h + 2 * hkv, d)
+            qk = apply_rope(qkv[:, : h + hkv], cos, sin)
+            return qk[:, :h], qk[:, h:], qkv[:, h + hkv :]
+        q = apply_rope(self.q_proj(x).view(num_tokens, h, d), cos, sin)
+        k = apply_rope(self.k_proj(x).view(num_tokens, hkv, d), cos, sin)
+        return q, k, self.v_proj(x).view(num_tokens, hkv, d)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache | None, layer: int
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        cache: PagedKVCache | None,
+        layer: int,
+        context: ContextView | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         num_tokens = x.shape[0]  # x: [T, hidden], all sequences' new tokens packed
-        q, k, v = self.project_qkv(x)
-        q = apply_rope(q.reshape(num_tokens, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
-        k = apply_rope(k.reshape(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        q, k, v = self.rotated_qkv(x, cos, sin)  # [T, H, D], [T, Hkv, D], [T, Hkv, D]
         if cache is not None and batch.slot_mapping is not None:
             cache.store(layer, batch.slot_mapping, k, v)
         if batch.is_prefill:
@@ -132,8 +143,8 @@ class Attention(nn.Module):
                 prefixes = [None if p is None or not len(p) else (cache.k[layer][p], cache.v[layer][p]) for p in prefixes]
             out = self._prefill_attention(q, k, v, batch.cu_seqlens, prefixes)
         else:
-            assert cache is not None, "decode reads the paged cache"
-            out = self._decode_attention(q, cache, layer, batch)
+            assert cache is not None and context is not None, "decode reads the paged cache"
+            out = self._decode_attention(q, cache, layer, context)
         return self.o_proj(out.reshape(num_tokens, -1)), k, v
 
     def _prefill_attention(
@@ -158,13 +169,12 @@ class Attention(nn.Module):
             )[0].transpose(0, 1)
         return out
 
-    def _decode_attention(self, q: torch.Tensor, cache: PagedKVCache, layer: int, batch: ForwardBatch) -> torch.Tensor:
+    def _decode_attention(self, q: torch.Tensor, cache: PagedKVCache, layer: int, context: ContextView) -> torch.Tensor:
         # One new token per sequence attends to its whole context, read from the paged cache
         # through the block tables in one gather; padding beyond each context is masked out.
-        keys, values = cache.gather(layer, batch.block_tables, batch.max_context_len)  # [B, Hkv, L, D]
-        mask = torch.arange(batch.max_context_len)[None, :] < batch.context_lens[:, None]  # [B, L]
+        keys, values = cache.gather(layer, context.slots)  # [B, Hkv, L, D]
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], enable_gqa=True
+            q.unsqueeze(2), keys, values, attn_mask=context.mask, enable_gqa=True
         )  # [B, H, 1, D]
         return out.squeeze(2)
 
@@ -230,9 +240,12 @@ class LlamaModel(nn.Module):
         dtype = self.norm.weight.dtype  # the activation dtype (the embedding may be INT4)
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
+        context = None
+        if not batch.is_prefill and cache is not None:
+            context = cache.context_view(batch.block_tables, batch.context_lens, batch.max_context_len)
         h = self.embed_tokens(batch.token_ids)  # [T, hidden]
         for i, layer in enumerate(self.layers):
-            attn_out, k, v = layer.self_attn(layer.input_layernorm(h), cos, sin, batch, cache, i)
+            attn_out, k, v = layer.self_attn(layer.input_layernorm(h), cos, sin, batch, cache, i, context)
             if on_layer_kv is not None:
                 on_layer_kv(i, k, v)
             h = h + attn_out
