@@ -165,7 +165,8 @@ def quantize_weight(
         best_err = torch.full(lo.shape, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
         for ratio in CLIP_RATIOS:
-            delta = (dequantize(*quantize_groups(w, g, lo * ratio, hi * ratio, exponents), g) - w).view(n, k // g, g).transpose(0, 1)  # [G, N, g]
+            candidate = dequantize(*quantize_groups(w, g, lo * ratio, hi * ratio, exponents), g)
+            delta = (candidate - w).view(n, k // g, g).transpose(0, 1)  # [G, N, g]
             err = ((delta @ blocks) * delta).sum(-1).t()  # [N, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)

@@ -106,7 +106,7 @@ def library() -> ctypes.CDLL | None:
                 if not target.exists():
                     build(cc, target)
         return load(target)
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, AttributeError, subprocess.SubprocessError) as exc:  # AttributeError: a symbol missing
         detail = getattr(exc, "stderr", "") or str(exc)
         log.warning("int4_kernel_unavailable", reason=f"build failed: {detail.strip()[:500]}")
         return None

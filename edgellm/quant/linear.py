@@ -10,7 +10,8 @@
   (5 bits a weight at group 32). Used where the C kernel cannot be built, and for comparison.
 
 Both compute with exactly the dequantized weight (grid values are exact in bf16), so tests
-hold each to QuantizedWeight.dequantize(). Outlier channels add a side matmul on either.
+hold each to QuantizedWeight.dequantize(). Outlier channels: the C kernel adds them in the
+same call; on torch's kernel (and the dense path) they are a side matmul.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = weight.codes.shape
         self.group_size = weight.group_size
         self.outlier_channels = weight.outlier_channels
-        # [k, N] bf16: read once per call, as fp32, by the side matmul (bf16 matmuls take a slow
-        # path on CPUs without AMX; storing fp32 would double the outliers' share of memory).
+        # [k, N] bf16 (fp32 would double the outliers' share of memory, and put the default over
+        # 30 % of bf16's weights). The side matmul reads it as fp32: bf16 matmuls take a slow path
+        # on CPUs without AMX.
         self.outlier_residual_t = (
             None if weight.outlier_residual is None else weight.outlier_residual.bfloat16().t().contiguous()
         )

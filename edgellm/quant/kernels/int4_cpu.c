@@ -1,11 +1,11 @@
 /* INT4 matrix multiply for CPU decode: y = x @ W.T with W in 4-bit codes and 8-bit group
- * parameters, about 4.6 bits a weight (torch's int4 kernel needs bf16 parameters: 5 bits at
- * group 32). Plain C written for the compiler's auto-vectoriser (-O3 -march=native), so the
- * same file serves AVX-512, AVX2 and NEON (the Jetsons).
+ * parameters, 4.5 bits a weight at group 32 (torch's int4 kernel needs bf16 parameters: 5).
+ * An AVX-512 path (intrinsics, below) and a plain-C path for everything else, written for the
+ * compiler's auto-vectoriser (-O3 -march=native): AVX2 machines and NEON (the Jetsons).
  *
  * Threads: the caller passes its torch thread count; tiles are split between OpenMP threads.
  *
- * Layout (made at load time by edgellm/quant/int4_kernel.py from the portable checkpoint):
+ * Layout (made at load time by edgellm/quant/linear.py from the portable checkpoint):
  *   codes   uint8 [N/32, K, 16]  byte (t, k, j) = q(32t + j, k) | q(32t + 16 + j, k) << 4
  *   scodes  uint8 [N/32, G, 32]  scale code of group g for row 32t + l
  *   zcodes  int8  [N/32, G, 32]  zero code, likewise
@@ -107,8 +107,14 @@ static inline __attribute__((always_inline)) void tile_avx512(
 }
 #endif
 
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
 /* y[m, :] += sum_j x[m, channels[j]] * residual[j, :]: the outlier channels' exact correction.
- * residual is bf16 [num_channels, N], read as the top half of an fp32. */
+ * residual is bf16 [num_channels, N]. */
 static void add_outliers(const float *x, int64_t M, int64_t K, int64_t N, const int64_t *channels,
                          int64_t num_channels, const uint16_t *residual, float *y, int64_t ldy) {
     for (int64_t m = 0; m < M; m++) {
@@ -116,11 +122,7 @@ static void add_outliers(const float *x, int64_t M, int64_t K, int64_t N, const 
         for (int64_t j = 0; j < num_channels; j++) {
             const float xv = x[m * K + channels[j]];
             const uint16_t *r = residual + j * N;
-            for (int64_t n = 0; n < N; n++) {
-                union { uint32_t u; float f; } v;
-                v.u = (uint32_t)r[n] << 16;
-                ym[n] += xv * v.f;
-            }
+            for (int64_t n = 0; n < N; n++) ym[n] += xv * bf16_to_f32(r[n]);
         }
     }
 }
@@ -201,12 +203,6 @@ static int matmul_f32(const float *x, int64_t M, int64_t K, int64_t N, int64_t g
     if (xsum != xsum_small) free(xsum);
     if (num_channels > 0) add_outliers(x, M, K, N, channels, num_channels, residual, y, ldy);
     return 0;
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
 }
 
 static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
