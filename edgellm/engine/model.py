@@ -242,7 +242,7 @@ class LlamaModel(nn.Module):
 
         context = None
         if not batch.is_prefill and cache is not None:
-            context = cache.context_view(batch.block_tables, batch.context_lens, batch.max_context_len)
+            context = cache.context_view(batch.block_tables, batch.context_lens, batch.max_context_len, dtype)
         h = self.embed_tokens(batch.token_ids)  # [T, hidden]
         for i, layer in enumerate(self.layers):
             attn_out, k, v = layer.self_attn(layer.input_layernorm(h), cos, sin, batch, cache, i, context)
