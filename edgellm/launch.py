@@ -30,8 +30,9 @@ SERVICES = ("prefill", "decode", "monitor", "gateway")
 def split_engine_cpus(config: Config, available: tuple[int, ...]) -> Config:
     """`edgellm up` on one machine: give prefill and decode disjoint halves of the CPUs (prefill
     the larger half), as two devices would have, unless the user placed them. Two engines whose
-    OpenMP teams both span every core fight over them; and on this 2-core VM even one decode
-    engine alone ran a batch-1 step in 38 ms on two threads against 19 ms on one."""
+    OpenMP teams both span every core fight over them; on this 2-core VM even one decode engine
+    alone ran a batch-1 step in 38 ms on two threads against 19 ms on one in some runs (in others
+    two threads cost nothing)."""
     p = config.placement
     if p.prefill_cpus or p.decode_cpus or len(available) < 2:
         return config

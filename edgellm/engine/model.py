@@ -107,7 +107,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(arch.hidden_size, arch.num_kv_heads * arch.head_dim, bias=False)
         self.o_proj = nn.Linear(arch.num_heads * arch.head_dim, arch.hidden_size, bias=False)
         self.qkv_proj: nn.Module | None = None  # q, k, v fused into one layer (INT4 decode), else None
-        self.split_sizes = [arch.num_heads * arch.head_dim, *[arch.num_kv_heads * arch.head_dim] * 2]
 
     def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q and k with RoPE applied, and v, each [T, heads, D]."""
