@@ -47,9 +47,9 @@ def prefill_once(stack: Any, num_tokens: int, request_id: str) -> dict[str, floa
     prompt = [1000 + (i * 7) % 20000 for i in range(num_tokens)]
     with grpc.insecure_channel(stack.address("prefill")) as channel:
         reply = prefill_pb2_grpc.PrefillStub(channel).Prefill(
-            prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
-                                       sampling=common_pb2.SamplingParams(), decode_address=stack.address("decode"),
-                                       max_new_tokens=2),
+            prefill_pb2.PrefillRequest(
+                spec=common_pb2.RequestSpec(request_id=request_id, prompt_token_ids=prompt, max_new_tokens=2),
+                decode_address=stack.address("decode")),
             timeout=600,
         )
     ms = 1e-6
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     from transformers import AutoConfig
 
-    from edgellm.engine.weights import resolve_model_dir
+    from edgellm.model_store import resolve_model_dir
 
     num_layers = AutoConfig.from_pretrained(resolve_model_dir("")).num_hidden_layers
     lines = verdicts(rows, num_layers)

@@ -78,8 +78,8 @@ from edgellm.client import AsyncClient
 from edgellm.engine.loop import EngineLimits, EngineLoop
 from edgellm.engine.model import LayerKVHook, LlamaModel
 from edgellm.engine.sampling import SamplingParams
-from edgellm.engine.sequence import Kind, Sequence
-from edgellm.engine.weights import resolve_model_dir
+from edgellm.engine.sequence import Kind
+from edgellm.model_store import resolve_model_dir
 from edgellm.launch import Stack, route_table
 from edgellm.perplexity import decode_model, mean_nll
 from edgellm.quant.prepare import Int4Settings, checkpoint_path, prepare_int4
@@ -219,7 +219,7 @@ def new_engine(model: LlamaModel, num_seqs: int, tokens_per_seq: int) -> EngineL
 
 
 def run_to_completion(engine: EngineLoop) -> None:
-    while engine.scheduler.has_work:
+    while engine.has_work:
         if engine.step().is_empty:
             raise RuntimeError("engine made no progress (out of KV blocks?)")
 
@@ -238,8 +238,8 @@ def generate(model: LlamaModel, prompts: list[list[int]], num_new: int) -> list[
     engine = new_engine(model, len(prompts), max(map(len, prompts)) + num_new)
     outputs: list[list[int]] = [[] for _ in prompts]
     for i, prompt in enumerate(prompts):
-        engine.scheduler.add(Sequence(f"p{i}", Kind.LOCAL, list(prompt), len(prompt), SamplingParams(), num_new,
-                                      collector(outputs[i])))
+        engine.submit(engine.new_sequence(f"p{i}", Kind.LOCAL, prompt, SamplingParams(), num_new),
+                      collector(outputs[i]))
     run_to_completion(engine)
     return outputs
 
@@ -260,8 +260,8 @@ def prefill_only(model: LlamaModel, prompts: list[list[int]], num_new: int) -> l
     firsts: list[list[int]] = [[] for _ in prompts]
     layers: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in prompts]
     for i, prompt in enumerate(prompts):
-        engine.scheduler.add(Sequence(f"p{i}", Kind.PREFILL_ONLY, list(prompt), len(prompt), SamplingParams(),
-                                      num_new, collector(firsts[i]), on_layer_kv=kv_recorder(layers[i])))
+        engine.submit(engine.new_sequence(f"p{i}", Kind.PREFILL_ONLY, prompt, SamplingParams(), num_new),
+                      collector(firsts[i]), on_layer_kv=kv_recorder(layers[i]))
     run_to_completion(engine)
     staged = []
     for first, kv in zip(firsts, layers):
@@ -276,8 +276,8 @@ def decode_from_kv(model: LlamaModel, prompts: list[list[int]], staged: list[tup
     engine = new_engine(model, len(prompts), max(map(len, prompts)) + num_new)
     outputs = [[first] for first, _ in staged]
     for i, (prompt, (first, kv)) in enumerate(zip(prompts, staged)):
-        engine.scheduler.add(Sequence(f"p{i}", Kind.FROM_KV, [*prompt, first], len(prompt), SamplingParams(), num_new,
-                                      collector(outputs[i]), num_generated=1, staged_kv=kv))
+        engine.submit(engine.new_sequence(f"p{i}", Kind.FROM_KV, [*prompt, first], SamplingParams(), num_new,
+                                          num_generated=1), collector(outputs[i]), staged_kv=kv)
     run_to_completion(engine)
     return outputs
 
@@ -287,9 +287,8 @@ def decode_step_ms(model: LlamaModel, batch: int, num_steps: int) -> float:
     engine = new_engine(model, batch, STEP_PROMPT_TOKENS + STEP_WARMUP + num_steps + 1)
     for i in range(batch):
         prompt = list(range(100 + i, 100 + i + STEP_PROMPT_TOKENS))
-        engine.scheduler.add(Sequence(str(i), Kind.LOCAL, prompt, len(prompt), SamplingParams(), 10_000,
-                                      lambda *_: None))
-    while any(s.needs_prefill for s in engine.scheduler.waiting):
+        engine.submit(engine.new_sequence(str(i), Kind.LOCAL, prompt, SamplingParams(), 10_000), lambda *_: None)
+    while engine.stats().num_waiting:  # every prompt prefilled (room for all: nothing waits for blocks)
         engine.step()
     for _ in range(STEP_WARMUP):
         engine.step()

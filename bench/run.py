@@ -162,7 +162,7 @@ def model_name(args: argparse.Namespace) -> str:
     """The default model's name; converting it here, once, spares the services a race to do it."""
     if args.gateway:
         return "(external)"
-    from edgellm.engine.weights import resolve_model_dir  # imports torch, which only this needs
+    from edgellm.model_store import resolve_model_dir
 
     return resolve_model_dir("").name
 

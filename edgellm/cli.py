@@ -27,7 +27,8 @@ def _up(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="edgellm up", description="Start the four services locally.")
     cfg.add_arguments(parser)
     config = cfg.from_namespace(parser.parse_args(argv))
-    from edgellm.launch import Stack, service_port, split_engine_cpus
+    from edgellm.launch import Stack, service_port
+    from edgellm.placement import cpu_list, split_engine_cpus
 
     config = split_engine_cpus(config, tuple(sorted(os.sched_getaffinity(0))))
     # Convert (and quantize) once here, with a progress bar, not inside three services at once.
@@ -38,10 +39,12 @@ def _up(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         stack.start_and_wait()
+        # Printed only now: every service is healthy and the gateway routes by the monitor's table.
         print("EdgeLLM is up:", flush=True)
+        everywhere = os.sched_getaffinity(0)
         for name in stack.services:
-            cpus = getattr(config.placement, f"{name}_cpus", "") if name in ("prefill", "decode") else ""
-            where = f"  (CPUs {cpus})" if cpus else ""
+            cpus = os.sched_getaffinity(stack.procs[name].pid)  # what the kernel enforces, not what we asked
+            where = f"  (CPUs {cpu_list(tuple(sorted(cpus)))})" if cpus != everywhere else ""
             print(f"  {name:<8} {config.network.host}:{service_port(name, config)}{where}", flush=True)
         print("Try: edgellm generate 'What is the capital of France?'   (Ctrl-C stops all)", flush=True)
         while not stop.is_set():
@@ -80,11 +83,13 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--raw", action="store_true", help="send as a raw prompt, not as a chat message")
     parser.add_argument("--gateway", default=os.environ.get("EDGELLM_GATEWAY", "127.0.0.1:50051"))
     parser.add_argument("--stats", action="store_true", help="print usage and timings to stderr")
+    parser.add_argument("--timeout-s", type=float, default=300.0,
+                        help="deadline of the whole generation; a gateway still starting is waited for within it")
     args = parser.parse_args(argv)
     from edgellm.client import Client, GenerationError
 
     prompt_args = {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
-    with Client(args.gateway) as client:
+    with Client(args.gateway, timeout_s=args.timeout_s, wait_for_ready=True) as client:
         try:
             for delta in client.generate(
                 **prompt_args,
@@ -134,7 +139,8 @@ def _status(argv: list[str]) -> int:
         load = ""
         if s.HasField("load"):
             l = s.load
-            load = (f"  {l.weights} ({l.weight_bytes / 2**20:.0f} MiB)  running={l.num_running} waiting={l.num_waiting}"
+            load = (f"  {l.weights} ({l.weight_bytes / 2**20:.0f} MiB) on {l.device or '?'} x{l.num_threads}"
+                    f"  running={l.num_running} waiting={l.num_waiting}"
                     f" free_kv_blocks={l.num_free_kv_blocks}/{l.num_kv_blocks}")
         print(f"  {role:<8} {s.address:<22} {'healthy' if s.healthy else 'DOWN':<8}{load}")
     gateway = os.environ.get("EDGELLM_GATEWAY", "127.0.0.1:50051")
@@ -162,8 +168,8 @@ def _prepare_model(argv: list[str]) -> int:
 def _prepare(config: cfg.Config, progress: bool) -> str:
     """Convert the default model (once), and make the decode INT4 checkpoint (once, with a
     progress bar) and the INT4 kernel (once per machine) so the services find them in the cache."""
-    from edgellm.engine.setup import int4_settings
-    from edgellm.engine.weights import resolve_model_dir
+    from edgellm.engine_builder import int4_settings
+    from edgellm.model_store import resolve_model_dir
     from edgellm.quant.linear import resolve_kernel
     from edgellm.quant.prepare import prepare_int4
 

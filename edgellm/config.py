@@ -3,8 +3,10 @@
 Every option is declared once in OPTIONS: its flag (`--kv-max-chunk-bytes`), its
 environment variable (`EDGELLM_KV_MAX_CHUNK_BYTES`), type, default and help.
 Precedence: flag > environment > default. `edgellm up` hands the resolved values
-to the services it starts with `to_argv`, so every process sees the same config.
-Values discovered at run time (KV capacity, model shapes) never go back in here.
+to the services it starts with `to_argv`, which reads them back from the typed sections
+themselves (there is no second copy to drift: a section changed with dataclasses.replace,
+e.g. the CPU split of `edgellm up`, reaches the children as it is). Values discovered at
+run time (KV capacity, model shapes) never go back in here.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -119,12 +121,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_queued_requests", int, 256, "requests waiting in the gateway's prefill pool; more get RESOURCE_EXHAUSTED"),
     Option("max_inflight_prefills", int, 8, "requests at prefill services at once (what one prefill batch can take)"),
     Option("request_timeout_s", float, 0.0, "per-request deadline at the gateway; 0 = only the client's deadline"),
+    Option("route_wait_s", float, 30.0, "how long a request waits for a route when no prefill or decode service is "
+           "healthy (start-up, a failover gap) before UNAVAILABLE; its own deadline may end the wait sooner"),
     Option("migrate", _bool, True, "move a request whose service fails (stream error or the monitor's verdict) to "
            "another one, after the tokens already sent; false ends it with UNAVAILABLE (tests' negative twins)"),
     # process
     Option("log_level", str, "info", "log level", LOG_LEVELS),
 )
-OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -251,10 +254,6 @@ class NetworkConfig:
     def monitor_address(self) -> str:
         return self.monitor_addr or f"127.0.0.1:{self.monitor_port}"
 
-    @property
-    def gateway_address(self) -> str:
-        return f"127.0.0.1:{self.gateway_port}"
-
 
 @dataclass(frozen=True)
 class TransferConfig:
@@ -307,14 +306,15 @@ class GatewayConfig:
     max_queued_requests: int
     max_inflight_prefills: int
     request_timeout_s: float
+    route_wait_s: float
     migrate: bool
 
     def __post_init__(self) -> None:
         for name in ("default_max_tokens", "max_inflight_prefills"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.max_queued_requests < 0 or self.request_timeout_s < 0:
-            raise ValueError("max_queued_requests and request_timeout_s must be >= 0")
+        if self.max_queued_requests < 0 or self.request_timeout_s < 0 or self.route_wait_s < 0:
+            raise ValueError("max_queued_requests, request_timeout_s and route_wait_s must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -327,10 +327,11 @@ class Config:
     monitor: MonitorConfig
     gateway: GatewayConfig
     log_level: str = "info"
-    _values: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def value(self, name: str) -> Any:
-        return self._values[name]
+        """The value of option `name`, read from the section that holds it."""
+        section = _SECTION_OF.get(name)
+        return getattr(self if section is None else getattr(self, section), name)
 
 
 _SECTIONS = {
@@ -342,6 +343,8 @@ _SECTIONS = {
     "monitor": MonitorConfig,
     "gateway": GatewayConfig,
 }
+# option name -> the Config field (section) that holds it; top-level fields map to None
+_SECTION_OF = {f.name: section for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -373,7 +376,7 @@ def from_namespace(ns: argparse.Namespace, env: dict[str, str] | None = None) ->
         sections[section] = cls(**{n: values[n] for n in names})
     if values["log_level"] not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {LOG_LEVELS}")
-    return Config(**sections, log_level=values["log_level"], _values=values)
+    return Config(**sections, log_level=values["log_level"])
 
 
 def parse(argv: Sequence[str] | None = None, env: dict[str, str] | None = None, prog: str | None = None) -> Config:

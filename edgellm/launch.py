@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import IO
 
 import grpc
@@ -25,28 +25,6 @@ from edgellm.v1 import monitor_pb2, monitor_pb2_grpc
 
 # Start order: engines first (slowest to load), the monitor, then the public entry.
 SERVICES = ("prefill", "decode", "monitor", "gateway")
-
-
-def split_engine_cpus(config: Config, available: tuple[int, ...]) -> Config:
-    """`edgellm up` on one machine: give prefill and decode disjoint halves of the CPUs (prefill
-    the larger half), as two devices would have, unless the user placed them. Two engines whose
-    OpenMP teams both span every core fight over them; on this 2-core VM even one decode engine
-    alone ran a batch-1 step in 38 ms on two threads against 19 ms on one in some runs (in others
-    two threads cost nothing)."""
-    p = config.placement
-    if p.prefill_cpus or p.decode_cpus or len(available) < 2:
-        return config
-    half = (len(available) + 1) // 2
-    cpu_list = lambda cpus: ",".join(map(str, cpus))  # noqa: E731
-    placement = replace(p, prefill_cpus=cpu_list(available[:half]), decode_cpus=cpu_list(available[half:]))
-    return replace(config, placement=placement)
-
-
-def pin_process(cpus: tuple[int, ...]) -> None:
-    """Restrict this process to `cpus` (no-op when empty). Call before starting threads:
-    threads inherit the affinity of the thread that creates them."""
-    if cpus:
-        os.sched_setaffinity(0, cpus)
 
 
 _handed_out: set[int] = set()

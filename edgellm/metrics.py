@@ -58,10 +58,11 @@ def serve_metrics(port: int, host: str) -> None:
 
 
 def engine_gauges(engine) -> None:
-    """Running batch, queue and KV block gauges of an EngineLoop."""
-    gauge("edgellm_engine_running", "Sequences in the decode batch", lambda: engine.num_running)
-    gauge("edgellm_engine_waiting", "Sequences queued in the engine", lambda: engine.num_waiting)
-    gauge("edgellm_kv_blocks_free", "Free KV blocks", lambda: engine.blocks.num_free_blocks)
-    gauge("edgellm_kv_blocks_used", "KV blocks in use", lambda: engine.blocks.num_blocks - engine.blocks.num_free_blocks)
-    gauge("edgellm_engine_steps", "Engine steps run", lambda: engine.num_steps)
-    gauge("edgellm_engine_preemptions", "Sequences preempted for lack of KV blocks", lambda: engine.num_preemptions)
+    """Running batch, queue and KV block gauges of an EngineLoop, read from its face (info, stats())."""
+    num_blocks = engine.info.num_kv_blocks
+    gauge("edgellm_engine_running", "Sequences in the decode batch", lambda: engine.stats().num_running)
+    gauge("edgellm_engine_waiting", "Sequences queued in the engine", lambda: engine.stats().num_waiting)
+    gauge("edgellm_kv_blocks_free", "Free KV blocks", lambda: engine.stats().num_free_kv_blocks)
+    gauge("edgellm_kv_blocks_used", "KV blocks in use", lambda: num_blocks - engine.stats().num_free_kv_blocks)
+    gauge("edgellm_engine_steps", "Engine steps run", lambda: engine.stats().num_steps)
+    gauge("edgellm_engine_preemptions", "Sequences preempted for lack of KV blocks", lambda: engine.stats().num_preemptions)

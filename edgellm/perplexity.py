@@ -4,7 +4,7 @@ Like llama.cpp's `llama-perplexity`: the text is tokenized, cut into non-overlap
 of --window tokens (each scored from its start, so every precision sees the same windows),
 and the mean next-token negative log-likelihood is reported as JSON
 {"ppl": ..., "nll": ..., "tokens": ...}. The model is built exactly as the decode service
-builds it (build_engine's loaders), so int4-awq here is the INT4 the service runs.
+builds it (engine_builder's loaders), so int4-awq here is the INT4 the service runs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from edgellm import config as cfg
 from edgellm.engine.kv_cache import ForwardBatch
 from edgellm.engine.model import LlamaModel
-from edgellm.engine.setup import load_service_model
+from edgellm.engine_builder import load_service_model
 
 
 def decode_model(model_cfg: cfg.ModelConfig, num_threads: int = 0) -> LlamaModel:
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
         return 2
     from transformers import AutoTokenizer
 
-    from edgellm.engine.weights import resolve_model_dir
+    from edgellm.model_store import resolve_model_dir
 
     model = decode_model(config.model)
     if args.window < 2 or args.window > model.arch.max_position_embeddings:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from edgellm import config as cfg
-from edgellm.engine.weights import prepare_default_model
+from edgellm.model_store import prepare_default_model
 from edgellm.launch import Stack, free_port_argv
 
 

@@ -97,14 +97,21 @@ def _collect(deltas: list[Delta]) -> Completion:
 
 
 class AsyncClient:
-    def __init__(self, target: str = "127.0.0.1:50051", timeout_s: float | None = None) -> None:
+    """timeout_s: each call's deadline. wait_for_ready: a call made while the gateway is not
+    reachable yet (still starting) waits for it, within that deadline, instead of failing at once
+    with UNAVAILABLE; leave it off without a deadline, or such a call may wait forever."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout_s: float | None = None,
+                 wait_for_ready: bool = False) -> None:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout_s = timeout_s
+        self._wait_for_ready = wait_for_ready
 
     async def generate(self, prompt: str | None = None, **kwargs) -> AsyncIterator[Delta]:
         """Yield text deltas as they are generated; the last one carries finish_reason and usage."""
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self._timeout_s)
+        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self._timeout_s,
+                                   wait_for_ready=self._wait_for_ready)
         try:
             async for response in call:
                 yield _delta(response)
@@ -125,14 +132,19 @@ class AsyncClient:
 
 
 class Client:
-    def __init__(self, target: str = "127.0.0.1:50051", timeout_s: float | None = None) -> None:
+    """The blocking twin of AsyncClient (same arguments)."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout_s: float | None = None,
+                 wait_for_ready: bool = False) -> None:
         self._channel = grpc.insecure_channel(target)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout_s = timeout_s
+        self._wait_for_ready = wait_for_ready
 
     def generate(self, prompt: str | None = None, **kwargs) -> Iterator[Delta]:
         """Yield text deltas as they are generated; the last one carries finish_reason and usage."""
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self._timeout_s)
+        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self._timeout_s,
+                                   wait_for_ready=self._wait_for_ready)
         try:
             for response in call:
                 yield _delta(response)

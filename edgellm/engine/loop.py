@@ -1,39 +1,52 @@
 """The engine's step loop: one thread that owns the model, fed from asyncio.
 
-Each step is schedule -> run -> postprocess:
+A request enters through submit() (the async prefill()/generate() call it): its Sequence,
+its output callback and its tensors wait in an inbox. At the start of the next step the
+engine thread moves them in: the Sequence to the scheduler, the callback to this loop's
+table and the tensors (staged K/V, kept prefix K/V, layer-KV hook) to the runner, both
+keyed by the sequence's seq_id. Each step is then schedule -> run -> postprocess:
   schedule     Scheduler picks a packed prefill batch or a decode step (scheduler.py)
   run          ModelRunner builds the tensors and runs the model (runner.py)
-  postprocess  sampled tokens go to their requests; finished sequences free their blocks
+  postprocess  sampled tokens go onto their sequences, finished ones leave (postprocess.py);
+               the loop hands each token to its callback
 Sequences join the running batch between steps and leave the moment they finish
-(EOS, max_new_tokens, end of context, cancel). The model never runs on the event loop;
+(EOS, max_new_tokens, end of context, cancel, a failed step); then the loop drops their
+callback and the runner their tensors. The model never runs on the event loop;
 tokens come back through loop.call_soon_threadsafe into per-request asyncio queues.
 All heavy torch compute of a process happens on this one thread, with num_threads
-threads; the event loop's thread stays single-threaded (see setup.engine_threads).
+threads; the event loop's thread stays single-threaded (see placement.engine_threads).
+Services see the engine through `info` (fixed) and `stats()` (a snapshot), never its parts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Iterable
 
 import structlog
 import torch
 
 from edgellm.engine.block_manager import BlockManager
+from edgellm.engine.info import EngineInfo, EngineStats
 from edgellm.engine.kv_cache import PagedKVCache
 from edgellm.engine.model import LayerKVHook, LlamaModel
-from edgellm.engine.runner import ModelRunner
-from edgellm.engine.sampling import SamplingParams
+from edgellm.engine.postprocess import FINISH_LENGTH, FINISH_STOP, postprocess
+from edgellm.engine.runner import KV, ModelRunner
+from edgellm.engine.sampling_params import SamplingParams
 from edgellm.engine.scheduler import Scheduler, SchedulerOutput
 from edgellm.engine.sequence import Kind, Sequence, Status
 from edgellm.engine.weights import DTYPE_NAMES
 
 log = structlog.get_logger(__name__)
 
-FINISH_STOP, FINISH_LENGTH = "stop", "length"
+__all__ = ["FINISH_LENGTH", "FINISH_STOP", "EngineError", "EngineLimits", "EngineLoop", "PrefillResult"]
+
+# (token, finish_reason) for each sampled token; (None, "error") if the engine failed.
+Emit = Callable[[int | None, str | None], None]
 
 
 @dataclass(frozen=True)
@@ -54,29 +67,58 @@ class PrefillResult:
     forward_end_unix_ns: int
 
 
+@dataclass(frozen=True)
+class _Submission:
+    seq: Sequence
+    emit: Emit
+    on_layer_kv: LayerKVHook | None
+    staged_kv: KV | None
+    prefix_kv: KV | None
+
+
 class EngineError(RuntimeError):
     pass
 
 
 class EngineLoop:
-    def __init__(self, model: LlamaModel, eos_token_ids: frozenset[int], limits: EngineLimits, num_threads: int = 0):
-        self.model = model
+    def __init__(
+        self,
+        model: LlamaModel,
+        eos_token_ids: frozenset[int],
+        limits: EngineLimits,
+        num_threads: int = 0,
+        weights_label: str = "",
+    ):
+        """weights_label: what `edgellm status` shows (default: the weights' dtype name)."""
         self.eos_token_ids = eos_token_ids
-        self.limits = limits
         self.num_threads = num_threads  # torch threads of the engine thread; 0 = leave as is
-        self.max_context = model.arch.max_position_embeddings
         a = model.arch
         dtype = model.norm.weight.dtype
         self.blocks = BlockManager(limits.num_blocks, limits.block_size)
         self.cache = PagedKVCache(a.num_layers, limits.num_blocks, limits.block_size, a.num_kv_heads, a.head_dim, dtype)
         self.runner = ModelRunner(model, self.cache, self.blocks)
         self.scheduler = Scheduler(self.blocks, limits.max_batch_tokens, limits.max_running, limits.max_consecutive_prefills)
+        self.info = EngineInfo(
+            device=model.norm.weight.device.type,
+            num_threads=num_threads or torch.get_num_threads(),
+            dtype=DTYPE_NAMES[dtype],
+            weights_label=weights_label or DTYPE_NAMES[dtype],
+            weight_bytes=model.weight_bytes(),
+            num_layers=a.num_layers,
+            num_kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim,
+            vocab_size=a.vocab_size,
+            max_context=a.max_position_embeddings,
+            num_kv_blocks=limits.num_blocks,
+            kv_block_size=limits.block_size,
+            max_running=limits.max_running,
+        )
         self.num_steps = 0
         self.num_preemptions = 0
-        self.max_decode_batch = 0  # largest decode step so far (evidence of batching)
-        self.weights_label = DTYPE_NAMES[dtype]  # build_engine names INT4 weights
-        self.weight_bytes = model.weight_bytes()
-        self._inbox: collections.deque[Sequence] = collections.deque()
+        self.max_decode_batch = 0
+        self._seq_ids = itertools.count()
+        self._emits: dict[int, Emit] = {}  # seq_id -> output callback; engine thread only
+        self._inbox: collections.deque[_Submission] = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False
         self._warm = threading.Event()
@@ -102,6 +144,65 @@ class EngineLoop:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting) + len(self._inbox)
 
+    @property
+    def has_work(self) -> bool:
+        """Submitted sequences not finished yet (for callers that drive step() themselves)."""
+        return bool(self._inbox) or self.scheduler.has_work
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's load; safe to call from any thread."""
+        return EngineStats(
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            num_free_kv_blocks=self.blocks.num_free_blocks,
+            num_steps=self.num_steps,
+            num_preemptions=self.num_preemptions,
+            max_decode_batch=self.max_decode_batch,
+        )
+
+    # ---- submitting work (any thread) ------------------------------------------------------
+    def new_sequence(
+        self, request_id: str, kind: Kind, token_ids: list[int], sampling: SamplingParams, max_new_tokens: int,
+        num_generated: int = 0,
+    ) -> Sequence:
+        """A Sequence with an engine-unique seq_id; token_ids ends with its num_generated tokens."""
+        return Sequence(next(self._seq_ids), request_id, kind, list(token_ids), len(token_ids) - num_generated,
+                        sampling, max_new_tokens, num_generated=num_generated)
+
+    def submit(
+        self,
+        seq: Sequence,
+        emit: Emit,
+        on_layer_kv: LayerKVHook | None = None,
+        staged_kv: KV | None = None,
+        prefix_kv: KV | None = None,
+    ) -> None:
+        """Queue seq for the engine thread. emit(token, finish_reason) then runs on the engine
+        thread for each sampled token, emit(None, "error") if a step fails; set seq.cancelled
+        to stop it. staged_kv (FROM_KV, required there): the prompt's K/V from a prefill
+        service, [L, Hkv, P, D] each. prefix_kv (LOCAL): K/V of the first C tokens kept from an
+        earlier prefill here, ignored if it covers every token to prefill. on_layer_kv: where
+        each layer's K/V of the prefill goes."""
+        if (seq.kind is Kind.FROM_KV) != (staged_kv is not None):
+            raise ValueError("staged_kv is required for a FROM_KV sequence, and only there")
+        num_prefix = 0 if prefix_kv is None else prefix_kv[0].shape[2]
+        if seq.kind is not Kind.LOCAL or num_prefix >= len(seq.prefill_token_ids):
+            prefix_kv, num_prefix = None, 0  # a prefix covering every token to prefill would leave none to run
+        seq.has_staged_kv = staged_kv is not None
+        seq.num_prefix_tokens = num_prefix
+        with self._wake:
+            self._inbox.append(_Submission(seq, emit, on_layer_kv, staged_kv, prefix_kv))
+            self._wake.notify()
+
+    def check_fits(self, num_tokens: int) -> None:
+        """Raise EngineError if a sequence of num_tokens could never fit in the KV cache."""
+        needed = self.blocks.num_blocks_for(num_tokens)
+        if needed > self.blocks.num_blocks:
+            raise EngineError(
+                f"request needs {needed} KV blocks ({num_tokens} tokens); "
+                f"this engine's cache has {self.blocks.num_blocks}"
+            )
+
     # ---- asyncio-facing API ----------------------------------------------------------------
     async def prefill(
         self,
@@ -115,9 +216,8 @@ class EngineLoop:
         """Prefill only: the K/V of every token goes to on_layer_kv layer by layer; returns the
         token sampled next (index num_generated: token_ids ends with the tokens a failed decode
         service already produced, when this is a takeover)."""
-        seq = Sequence(request_id, Kind.PREFILL_ONLY, list(token_ids), len(token_ids) - num_generated, sampling,
-                       max_new_tokens, emit=lambda *_: None, num_generated=num_generated, on_layer_kv=on_layer_kv)
-        async for token, finish in self._stream(seq):
+        seq = self.new_sequence(request_id, Kind.PREFILL_ONLY, token_ids, sampling, max_new_tokens, num_generated)
+        async for token, finish in self._stream(seq, on_layer_kv=on_layer_kv):
             return PrefillResult(token, finish, len(token_ids), seq.forward_start_unix_ns, seq.forward_end_unix_ns)
         raise EngineError(f"prefill of {request_id} produced no token")
 
@@ -128,8 +228,8 @@ class EngineLoop:
         sampling: SamplingParams,
         max_new_tokens: int,
         num_generated: int = 0,
-        staged_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        staged_kv: KV | None = None,
+        prefix_kv: KV | None = None,
     ) -> AsyncIterator[tuple[int, str | None]]:
         """Yield (token_id, finish_reason) for token index num_generated onwards.
 
@@ -139,31 +239,20 @@ class EngineLoop:
         here) the prefill computes only the tokens after them. Leaving the iteration early
         (client gone) frees the sequence's blocks.
         """
-        num_prompt = len(token_ids) - num_generated
         kind = Kind.FROM_KV if staged_kv is not None else Kind.LOCAL
-        seq = Sequence(request_id, kind, list(token_ids), num_prompt, sampling, max_new_tokens,
-                       emit=lambda *_: None, num_generated=num_generated, staged_kv=staged_kv)
-        if prefix_kv is not None and kind is Kind.LOCAL and prefix_kv[0].shape[2] < len(seq.prefill_token_ids):
-            seq.prefix_kv = prefix_kv  # (a prefix covering every token to prefill would leave none to run)
-        return self._stream(seq)
+        seq = self.new_sequence(request_id, kind, token_ids, sampling, max_new_tokens, num_generated)
+        return self._stream(seq, staged_kv=staged_kv, prefix_kv=prefix_kv)
 
-    def check_fits(self, num_tokens: int) -> None:
-        """Raise EngineError if a sequence of num_tokens could never fit in the KV cache."""
-        needed = self.blocks.num_blocks_for(num_tokens)
-        if needed > self.blocks.num_blocks:
-            raise EngineError(
-                f"request needs {needed} KV blocks ({num_tokens} tokens); this engine's cache has {self.blocks.num_blocks}"
-            )
-
-    async def _stream(self, seq: Sequence) -> AsyncIterator[tuple[int, str | None]]:
+    async def _stream(
+        self, seq: Sequence, on_layer_kv: LayerKVHook | None = None, staged_kv: KV | None = None,
+        prefix_kv: KV | None = None,
+    ) -> AsyncIterator[tuple[int, str | None]]:
         if seq.kind is not Kind.PREFILL_ONLY:
             self.check_fits(seq.num_prompt_tokens + seq.max_new_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int | None, str | None]] = asyncio.Queue()
-        seq.emit = lambda token, finish: loop.call_soon_threadsafe(queue.put_nowait, (token, finish))
-        with self._wake:
-            self._inbox.append(seq)
-            self._wake.notify()
+        self.submit(seq, lambda token, finish: loop.call_soon_threadsafe(queue.put_nowait, (token, finish)),
+                    on_layer_kv, staged_kv, prefix_kv)
         try:
             while True:
                 token, finish = await queue.get()
@@ -177,13 +266,6 @@ class EngineLoop:
             with self._wake:
                 self._wake.notify()
 
-    def finish_reason(self, seq: Sequence, token_id: int) -> str | None:
-        if token_id in self.eos_token_ids:
-            return FINISH_STOP
-        if seq.num_generated >= seq.max_new_tokens or seq.num_tokens >= self.max_context:
-            return FINISH_LENGTH
-        return None
-
     # ---- engine thread ---------------------------------------------------------------------
     def _warm_up(self) -> None:
         """A short prefill and a decode step, so the first request does not pay for torch's
@@ -191,9 +273,10 @@ class EngineLoop:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         n = max(1, min(16, self.blocks.num_blocks * self.blocks.block_size - 1))
-        seq = Sequence("warm-up", Kind.LOCAL, [0] * n, n, SamplingParams(), 2, emit=lambda *_: None)
+        seq = self.new_sequence("warm-up", Kind.LOCAL, [0] * n, SamplingParams(), 2)
         seq.block_table = self.blocks.allocate(n + 1)
         self.runner.prefill([seq])
+        seq.num_cached_tokens = n
         seq.token_ids.append(0)
         seq.num_generated = 1
         self.runner.decode([seq])
@@ -219,49 +302,44 @@ class EngineLoop:
         Runs on the engine thread (tests call it directly on an engine that was not started)."""
         with self._wake:
             while self._inbox:
-                self.scheduler.add(self._inbox.popleft())
+                self._take(self._inbox.popleft())
         out = self.scheduler.schedule()
+        self._release(out.finished_seq_ids)
         if out.is_empty:
             return out
         self.num_steps += 1
         self.num_preemptions += len(out.preempted)
         self.max_decode_batch = max(self.max_decode_batch, len(out.decodes))
+        ran = out.prefills + out.decodes + out.admitted_from_kv
         try:
-            self._run_step(out)
+            result = self.runner.execute(out)
+            for o in postprocess(self.scheduler, out, result, self.eos_token_ids, self.info.max_context):
+                self._emits[o.seq.seq_id](o.token_id, o.finish_reason)
         except Exception:
             log.exception("engine_step_failed")
-            for seq in out.prefills + out.decodes + out.admitted_from_kv:
-                seq.emit(None, "error")
+            for seq in ran:
+                if seq.status is not Status.FINISHED:
+                    self._emits[seq.seq_id](None, "error")
                 self.scheduler.finish(seq)
+        self._release(seq.seq_id for seq in ran if seq.status is Status.FINISHED)
         return out
+
+    def _take(self, sub: _Submission) -> None:
+        seq_id = sub.seq.seq_id
+        self._emits[seq_id] = sub.emit
+        if sub.on_layer_kv is not None:
+            self.runner.set_layer_hook(seq_id, sub.on_layer_kv)
+        if sub.staged_kv is not None:
+            self.runner.stage_kv(seq_id, *sub.staged_kv)
+        if sub.prefix_kv is not None:
+            self.runner.set_prefix(seq_id, *sub.prefix_kv)
+        self.scheduler.add(sub.seq)
+
+    def _release(self, seq_ids: Iterable[int]) -> None:
+        for seq_id in seq_ids:
+            self._emits.pop(seq_id, None)
+            self.runner.release(seq_id)
 
     def _has_runnable_work(self) -> bool:
         s = self.scheduler
-        return bool(s.running) or any(q.cancelled or q.needs_prefill or q.staged_kv is not None for q in s.waiting)
-
-    def _run_step(self, out: SchedulerOutput) -> None:
-        for seq in out.admitted_from_kv:
-            if seq.status is Status.RUNNING:  # not preempted again in this same schedule
-                self.runner.load_staged(seq)
-        if out.prefills:
-            firsts = self.runner.prefill(out.prefills)
-            for seq, token in zip(out.prefills, firsts):
-                if token is None:  # a recompute: KV rebuilt, its next input token is already known
-                    self.scheduler.start_running(seq)
-                    continue
-                self._append(seq, token)
-                if seq.kind is Kind.PREFILL_ONLY:
-                    seq.status = Status.FINISHED
-                elif seq.status is not Status.FINISHED:
-                    self.scheduler.start_running(seq)
-        elif out.decodes:
-            for seq, token in zip(out.decodes, self.runner.decode(out.decodes)):
-                self._append(seq, token)
-
-    def _append(self, seq: Sequence, token: int) -> None:
-        seq.token_ids.append(token)
-        seq.num_generated += 1
-        finish = self.finish_reason(seq, token)
-        seq.emit(token, finish)
-        if finish is not None and seq.kind is not Kind.PREFILL_ONLY:
-            self.scheduler.finish(seq)
+        return bool(s.running) or any(q.cancelled or q.needs_prefill or q.has_staged_kv for q in s.waiting)

@@ -1,5 +1,16 @@
 """Turns a SchedulerOutput into tensors, runs the model, samples: the only place that
-touches both bookkeeping (sequences, block tables) and tensors."""
+touches both bookkeeping (sequences, block tables) and tensors.
+
+It also keeps the tensors that belong to one sequence, keyed by its seq_id, from the moment
+the loop hands the sequence to the scheduler until it leaves:
+  staged K/V      FROM_KV: the prompt's K/V from a prefill service, copied into the
+                  sequence's blocks when the scheduler admits it, then dropped
+  prefix K/V      LOCAL: K/V of the first tokens kept from an earlier prefill, copied in by
+                  the sequence's first prefill, then dropped
+  layer-KV hook   PREFILL_ONLY: where each layer's K/V of the prompt goes
+release(seq_id) drops whatever is left when the sequence finishes, fails or is cancelled.
+The runner reads sequences but never changes them: postprocess.py records what it did.
+"""
 
 from __future__ import annotations
 
@@ -9,40 +20,79 @@ import torch
 
 from edgellm.engine.block_manager import BlockManager
 from edgellm.engine.kv_cache import ForwardBatch, PagedKVCache
-from edgellm.engine.model import LlamaModel
+from edgellm.engine.model import LayerKVHook, LlamaModel
+from edgellm.engine.postprocess import RunnerOutput
 from edgellm.engine.sampling import sample
-from edgellm.engine.sequence import Kind, Sequence
+from edgellm.engine.scheduler import SchedulerOutput
+from edgellm.engine.sequence import Kind, Sequence, Status
+
+KV = tuple[torch.Tensor, torch.Tensor]  # K, V: [L, Hkv, T, D] each
 
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, cache: PagedKVCache, blocks: BlockManager) -> None:
         self.model, self.cache, self.blocks = model, cache, blocks
+        self._staged: dict[int, KV] = {}
+        self._prefixes: dict[int, KV] = {}
+        self._hooks: dict[int, LayerKVHook] = {}
 
-    def load_staged(self, seq: Sequence) -> None:
+    # ---- per-sequence state (engine thread only) ------------------------------------------
+    def stage_kv(self, seq_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Hold a FROM_KV sequence's prompt K/V ([L, Hkv, T, D] each) until it is admitted."""
+        self._staged[seq_id] = (k, v)
+
+    def set_prefix(self, seq_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Hold a LOCAL sequence's kept prefix K/V ([L, Hkv, C, D] each) for its first prefill."""
+        self._prefixes[seq_id] = (k, v)
+
+    def set_layer_hook(self, seq_id: int, hook: LayerKVHook) -> None:
+        """Send each layer's K/V of this sequence's prefill to hook ([Hkv, T, D] each)."""
+        self._hooks[seq_id] = hook
+
+    def release(self, seq_id: int) -> None:
+        """Drop everything held for a sequence that left the engine (no-op if nothing is)."""
+        self._staged.pop(seq_id, None)
+        self._prefixes.pop(seq_id, None)
+        self._hooks.pop(seq_id, None)
+
+    @property
+    def held_seq_ids(self) -> set[int]:
+        """Sequences the runner still holds tensors or a hook for (tests check nothing leaks)."""
+        return set(self._staged) | set(self._prefixes) | set(self._hooks)
+
+    # ---- one step --------------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one scheduled step: copy newly admitted staged KV in, then the prefill batch or
+        the decode step."""
+        for seq in out.admitted_from_kv:
+            if seq.status is Status.RUNNING:  # not preempted again in this same schedule
+                self._load_staged(seq)
+        if out.prefills:
+            return self.prefill(out.prefills)
+        return self.decode(out.decodes) if out.decodes else RunnerOutput([])
+
+    def _load_staged(self, seq: Sequence) -> None:
         """Copy prompt KV received from a prefill service into the sequence's blocks."""
-        assert seq.staged_kv is not None
-        k, v = seq.staged_kv  # [L, Hkv, T, D]
+        k, v = self._staged.pop(seq.seq_id)  # [L, Hkv, T, D]
         slots = torch.tensor(self.blocks.slots(seq.block_table, 0, seq.num_staged_tokens))
         for layer in range(k.shape[0]):
             self.cache.store(layer, slots, k[layer].transpose(0, 1), v[layer].transpose(0, 1))
-        seq.staged_kv = None
-        seq.num_cached_tokens = seq.num_staged_tokens
 
     def _load_prefix(self, seq: Sequence) -> int:
         """Copy a LOCAL sequence's kept prefix K/V into its blocks; returns how many tokens it covers."""
-        if seq.prefix_kv is None:
+        if not seq.num_prefix_tokens:
             return 0
         assert seq.kind is Kind.LOCAL, "only a local sequence's prefill reads a cached prefix"
-        k, v = seq.prefix_kv  # [L, Hkv, C, D]
+        k, v = self._prefixes.pop(seq.seq_id)  # [L, Hkv, C, D]
+        assert k.shape[2] == seq.num_prefix_tokens
         slots = torch.tensor(self.blocks.slots(seq.block_table, 0, k.shape[2]))
         for layer in range(k.shape[0]):
             self.cache.store(layer, slots, k[layer].transpose(0, 1), v[layer].transpose(0, 1))
-        seq.prefix_kv = None  # a later recompute (preemption) runs every token
         return k.shape[2]
 
-    def prefill(self, seqs: list[Sequence]) -> list[int | None]:
-        """One packed forward over whole prompts. Returns the token sampled for each sequence
-        (index num_generated); None for recomputes (their next token is known)."""
+    def prefill(self, seqs: list[Sequence]) -> RunnerOutput:
+        """One packed forward over whole prompts. Samples a token for each sequence (index
+        num_generated); None for recomputes (their next token is known)."""
         token_ids, positions, slots, cu_seqlens, prefix_slots = [], [], [], [0], []
         for seq in seqs:
             ids = seq.prefill_token_ids
@@ -61,7 +111,8 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots),
             prefix_slots=prefix_slots,
         )
-        hooks = [(seq.on_layer_kv, cu_seqlens[i], cu_seqlens[i + 1]) for i, seq in enumerate(seqs) if seq.on_layer_kv]
+        hooks = [(self._hooks[seq.seq_id], cu_seqlens[i], cu_seqlens[i + 1])
+                 for i, seq in enumerate(seqs) if seq.seq_id in self._hooks]
 
         def on_layer_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             for hook, start, end in hooks:  # each request's K/V: [Hkv, L, D]
@@ -70,14 +121,11 @@ class ModelRunner:
         start_ns = time.time_ns()
         logits = self.model(batch, self.cache, on_layer_kv=on_layer_kv if hooks else None)  # [B, V]
         end_ns = time.time_ns()
-        firsts: list[int | None] = []
-        for seq, row in zip(seqs, logits):
-            seq.forward_start_unix_ns, seq.forward_end_unix_ns = start_ns, end_ns
-            seq.num_cached_tokens = len(seq.prefill_token_ids) if seq.kind is not Kind.PREFILL_ONLY else 0
-            firsts.append(sample(row, seq.sampling, index=seq.num_generated) if seq.samples_after_prefill else None)
-        return firsts
+        sampled = [sample(row, seq.sampling, index=seq.num_generated) if seq.samples_after_prefill else None
+                   for seq, row in zip(seqs, logits)]
+        return RunnerOutput(sampled, start_ns, end_ns)
 
-    def decode(self, seqs: list[Sequence]) -> list[int]:
+    def decode(self, seqs: list[Sequence]) -> RunnerOutput:
         """Advance every sequence by one token (blocks for the new token already allocated)."""
         max_blocks = max(len(s.block_table) for s in seqs)
         block_tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs])
@@ -92,11 +140,12 @@ class ModelRunner:
             context_lens=torch.tensor(positions) + 1,
             max_context_len=max(positions) + 1,
         )
+        start_ns = time.time_ns()
         logits = self.model(batch, self.cache)  # [B, V]
-        for seq in seqs:
-            seq.num_cached_tokens += 1
+        end_ns = time.time_ns()
         greedy = logits.argmax(dim=-1).tolist()  # one batched argmax serves every greedy sequence
-        return [
+        sampled: list[int | None] = [
             greedy[i] if seq.sampling.is_greedy else sample(row, seq.sampling, index=seq.num_generated)
             for i, (seq, row) in enumerate(zip(seqs, logits))
         ]
+        return RunnerOutput(sampled, start_ns, end_ns)

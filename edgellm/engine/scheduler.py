@@ -9,6 +9,8 @@ prompts wait, so running sequences never starve. Sequences whose prompt KV arriv
 prefill service (staged) join as soon as their blocks can be allocated, without a forward.
 When a running sequence needs a block and none is free, the newest running sequence is
 preempted by recompute: its blocks are freed and it waits again, at the front.
+A cancelled sequence leaves at the next schedule; its id is reported in the output so the
+runner and the loop drop what they keep for it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class SchedulerOutput:
     decodes: list[Sequence] = field(default_factory=list)  # or advance these by one token
     admitted_from_kv: list[Sequence] = field(default_factory=list)  # staged KV to copy into blocks
     preempted: list[Sequence] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)  # cancelled, dropped by this schedule
 
     @property
     def is_empty(self) -> bool:
@@ -64,16 +67,17 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
 
-    def drop_cancelled(self) -> None:
-        for seq in [s for s in self.waiting if s.cancelled]:
-            self.waiting.remove(seq)
+    def drop_cancelled(self) -> list[int]:
+        """Finish every cancelled sequence; return their seq ids."""
+        dropped = [s for s in self.waiting if s.cancelled] + [s for s in self.running if s.cancelled]
+        for seq in dropped:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
             self.finish(seq)
-        for seq in [s for s in self.running if s.cancelled]:
-            self.finish(seq)
+        return [seq.seq_id for seq in dropped]
 
     def schedule(self) -> SchedulerOutput:
-        self.drop_cancelled()
-        out = SchedulerOutput()
+        out = SchedulerOutput(finished_seq_ids=self.drop_cancelled())
         self._admit_staged(out)
         if not (self.running and self._consecutive_prefills >= self.max_consecutive_prefills):
             self._schedule_prefills(out)
@@ -85,7 +89,7 @@ class Scheduler:
         return out
 
     def _admit_staged(self, out: SchedulerOutput) -> None:
-        for seq in [s for s in self.waiting if s.staged_kv is not None]:
+        for seq in [s for s in self.waiting if s.has_staged_kv]:
             # +1: room for the token the next decode step feeds
             if len(self.running) >= self.max_running or not self.blocks.can_allocate(seq.num_staged_tokens + 1):
                 break

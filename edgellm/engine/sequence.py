@@ -1,4 +1,4 @@
-"""One request inside an engine: its tokens, its KV blocks and where its output goes.
+"""One request inside an engine: its tokens and its KV blocks, as plain integers.
 
 Kinds of work, all scheduled the same way:
   PREFILL_ONLY  prefill service, normal mode: run the prompt, stream its KV out, sample the
@@ -7,18 +7,19 @@ Kinds of work, all scheduled the same way:
   FROM_KV       decode service: the prompt's KV arrived from prefill (staged), decode here.
 A running sequence preempted for lack of blocks loses its KV and is re-queued; it then
 needs a recompute prefill of prompt + generated tokens before decoding resumes.
+
+A Sequence holds no tensors and no callbacks: the runner keeps its staged or kept-prefix
+K/V and its layer-KV hook, the loop its output callback, both keyed by seq_id (unique in
+one engine; request ids come from clients and may repeat). Here only flags and counts say
+that they exist.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Callable
 
-import torch
-
-from edgellm.engine.model import LayerKVHook
-from edgellm.engine.sampling import SamplingParams
+from edgellm.engine.sampling_params import SamplingParams
 
 
 class Kind(enum.Enum):
@@ -33,25 +34,23 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-# (token, finish_reason) for each sampled token; (None, "error") if the engine failed.
-Emit = Callable[[int | None, str | None], None]
-
-
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's queues look sequences up with `in` and remove()
 class Sequence:
+    seq_id: int
     request_id: str
     kind: Kind
     token_ids: list[int]  # prompt (+ tokens generated so far)
     num_prompt_tokens: int
     sampling: SamplingParams
     max_new_tokens: int  # counting every generated token, those before a resume included
-    emit: Emit
     num_generated: int = 0  # generated tokens so far (they are the tail of token_ids)
-    on_layer_kv: LayerKVHook | None = None  # PREFILL_ONLY: where this prompt's K/V goes
-    staged_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # FROM_KV: [L, Hkv, T, D] each
-    # LOCAL: K/V of the first tokens, kept from an earlier prefill ([L, Hkv, C, D] each): the
-    # prefill copies it into the cache and computes only the tokens after it
-    prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    # FROM_KV: the runner holds this prompt's K/V (every token but the last) until it is copied
+    # into the sequence's blocks on admission
+    has_staged_kv: bool = False
+    # LOCAL: the runner holds the K/V of the first tokens, kept from an earlier prefill; the
+    # prefill copies it into the cache and computes only the tokens after it (once: a later
+    # recompute runs every token)
+    num_prefix_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose K/V is in the paged cache
     status: Status = Status.WAITING
@@ -71,7 +70,7 @@ class Sequence:
     @property
     def needs_prefill(self) -> bool:
         """Waiting for a forward pass over its tokens (a first prefill or a recompute)."""
-        return self.status is Status.WAITING and self.staged_kv is None
+        return self.status is Status.WAITING and not self.has_staged_kv
 
     @property
     def prefill_token_ids(self) -> list[int]:

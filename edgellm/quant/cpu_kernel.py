@@ -26,7 +26,7 @@ import tempfile
 
 import structlog
 
-from edgellm.engine.weights import cache_dir, file_lock
+from edgellm.model_store import cache_dir, file_lock
 
 SOURCE = pathlib.Path(__file__).with_name("kernels") / "int4_cpu.c"
 TILE = 32  # output rows per tile (the C file's TILE)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from edgellm.engine.model import LlamaArch, LlamaModel, rope_inv_freq
-from edgellm.engine.weights import LoadedModel, cache_dir, file_lock, load_model, read_eos_ids, resolve_model_dir
+from edgellm.engine.weights import LoadedModel, load_model, read_eos_ids
+from edgellm.model_store import cache_dir, file_lock, resolve_model_dir
 from edgellm.quant import checkpoint
 from edgellm.quant.apply import apply_int4
 from edgellm.quant.awq import awq_quantize, collect_stats, rtn_quantize
@@ -130,7 +131,7 @@ def prepare_int4(model: str, settings: Int4Settings, progress: bool = False) -> 
 
 def _prepare_on_worker_thread(model: str, settings: Int4Settings, num_threads: int) -> pathlib.Path:
     """Calibrate on a short-lived thread with its own torch threads: the caller (a service's
-    event-loop thread) must stay single-threaded (see engine/setup.py)."""
+    event-loop thread) must stay single-threaded (see placement.engine_threads)."""
     result: list[pathlib.Path | Exception] = []
 
     def work() -> None:

@@ -7,7 +7,7 @@ from typing import AsyncIterator
 import grpc
 
 from edgellm.engine.loop import EngineError
-from edgellm.engine.sampling import SamplingParams
+from edgellm.engine.sampling_params import SamplingParams
 from edgellm.v1 import common_pb2
 
 FINISH_TO_WIRE = {
@@ -43,10 +43,10 @@ async def check_prompt(context: grpc.aio.ServicerContext, token_ids, vocab_size:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be in [0, {vocab_size})")
 
 
-async def check_num_generated(context: grpc.aio.ServicerContext, request) -> None:
+async def check_num_generated(context: grpc.aio.ServicerContext, spec: common_pb2.RequestSpec) -> None:
     """Abort with INVALID_ARGUMENT unless a takeover's num_generated fits its prompt and max_new_tokens
     (prompt_token_ids ends with those tokens; max_new_tokens counts them)."""
-    if request.max_new_tokens <= request.num_generated or request.num_generated >= len(request.prompt_token_ids):
+    if spec.max_new_tokens <= spec.num_generated or spec.num_generated >= len(spec.prompt_token_ids):
         await context.abort(
             grpc.StatusCode.INVALID_ARGUMENT, "need num_generated < max_new_tokens and num_generated < len(prompt)"
         )

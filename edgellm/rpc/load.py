@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from edgellm.engine.loop import EngineLoop
-from edgellm.engine.weights import DTYPE_NAMES
 from edgellm.v1 import common_pb2
 
 
 def engine_load(engine: EngineLoop) -> common_pb2.Load:
+    info, stats = engine.info, engine.stats()
     return common_pb2.Load(
-        num_running=engine.num_running,
-        num_waiting=engine.num_waiting,
-        num_free_kv_blocks=engine.blocks.num_free_blocks,
-        num_kv_blocks=engine.blocks.num_blocks,
-        kv_block_size=engine.blocks.block_size,
-        max_running=engine.limits.max_running,
-        dtype=DTYPE_NAMES[engine.cache.k[0].dtype],
-        weights=engine.weights_label,
-        weight_bytes=engine.weight_bytes,
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+        num_free_kv_blocks=stats.num_free_kv_blocks,
+        num_kv_blocks=info.num_kv_blocks,
+        kv_block_size=info.kv_block_size,
+        max_running=info.max_running,
+        dtype=info.dtype,
+        weights=info.weights_label,
+        weight_bytes=info.weight_bytes,
+        num_threads=info.num_threads,
+        device=info.device,
     )

@@ -28,18 +28,19 @@ async def generate_local(
     prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> AsyncIterator[common_pb2.TokenDelta]:
     """prefix_kv: the K/V of the request's first tokens, kept here from its prefill (hot backup)."""
-    bind_request(request.request_id)
-    await check_prompt(context, request.prompt_token_ids, engine.model.arch.vocab_size, engine.max_context)
-    await check_num_generated(context, request)
-    log.info("local_generate", num_prompt_tokens=len(request.prompt_token_ids), num_generated=request.num_generated,
+    spec = request.spec
+    bind_request(spec.request_id)
+    await check_prompt(context, spec.prompt_token_ids, engine.info.vocab_size, engine.info.max_context)
+    await check_num_generated(context, spec)
+    log.info("local_generate", num_prompt_tokens=len(spec.prompt_token_ids), num_generated=spec.num_generated,
              kept_kv_tokens=0 if prefix_kv is None else prefix_kv[0].shape[2])
     tokens = engine.generate(
-        request.request_id,
-        list(request.prompt_token_ids),
-        sampling_from_proto(request.sampling),
-        request.max_new_tokens,
-        request.num_generated,
+        spec.request_id,
+        list(spec.prompt_token_ids),
+        sampling_from_proto(spec.sampling),
+        spec.max_new_tokens,
+        spec.num_generated,
         prefix_kv=prefix_kv,
     )
-    async for delta in token_deltas(request.request_id, tokens, context):
+    async for delta in token_deltas(spec.request_id, tokens, context):
         yield delta

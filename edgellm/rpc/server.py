@@ -1,16 +1,19 @@
 """Start a grpc.aio server with health and reflection, and stop it gracefully on SIGTERM/SIGINT.
 
 Every EdgeLLM service runs through `serve`: it registers the service's servicers, the
-standard grpc.health.v1 service (NOT_SERVING until `ready` has run, NOT_SERVING again
-first thing on shutdown) and server reflection, so grpcurl and reflection-only clients
-work without stubs.
+standard grpc.health.v1 service and server reflection, so grpcurl and reflection-only
+clients work without stubs.
+
+Health, for the "" service and each registered one: NOT_SERVING until `ready` has run; then
+SERVING, or, for a service whose readiness comes and goes (the gateway: only while it has a
+route), whatever its `readiness` stream says last; NOT_SERVING again first thing on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Awaitable, Callable, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 import structlog
@@ -35,8 +38,12 @@ async def serve(
     register: Callable[[grpc.aio.Server], Iterable[str]],
     ready: Callable[[], Awaitable[None]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    readiness: Callable[[], AsyncIterator[bool]] | None = None,
 ) -> None:
-    """Run a server until SIGTERM/SIGINT. `register` adds servicers and returns their full service names."""
+    """Run a server until SIGTERM/SIGINT. `register` adds servicers and returns their full service
+    names; `ready` runs once the server listens; `readiness` (optional), started after `ready`,
+    yields whether the server can take requests now, each time that changes (True: SERVING);
+    `on_stop` runs after health went NOT_SERVING, before the graceful stop."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     service_names = list(register(server))
     health_servicer = health.aio.HealthServicer()
@@ -57,14 +64,26 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    async def set_serving(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for svc in ("", *service_names):
+            await health_servicer.set(svc, status)
+        log.info("serving" if serving else "not_serving", service=name, address=address)
+
+    async def follow_readiness() -> None:
+        async for serving in readiness():
+            await set_serving(serving)
+
     if ready is not None:
         await ready()
-    for svc in ("", *service_names):
-        await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", service=name, address=address)
+    readiness_task = asyncio.create_task(follow_readiness()) if readiness is not None else None
+    if readiness_task is None:
+        await set_serving(True)
 
     await stop.wait()
     log.info("shutting_down", service=name)
+    if readiness_task is not None:
+        readiness_task.cancel()
     await health_servicer.enter_graceful_shutdown()  # NOT_SERVING first, so routes move away
     if on_stop is not None:
         await on_stop()

@@ -60,6 +60,7 @@ class KVStreamSender:
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_start = 0
         self.num_chunks = 0
+        self.num_bytes_sent = 0  # wire bytes of the chunks handed to gRPC: our own count, never the receiver's
         self._link_bytes_per_s = link_mbps * 1e6 / 8
         self._link_free_at = 0.0
         self._after_prefill = after_prefill
@@ -154,7 +155,9 @@ class KVStreamSender:
             for chunk in chunks:
                 chunk.num_prompt_tokens = self.num_prompt_tokens
                 self.num_chunks += 1
-                await self._pace(codec.wire_bytes(chunk))
+                num_bytes = codec.wire_bytes(chunk)
+                await self._pace(num_bytes)
+                self.num_bytes_sent += num_bytes
                 yield chunk
             # gRPC asks for the next message once it has taken this group's last chunk
             if reserved:

@@ -56,7 +56,7 @@ class TokenDelta(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "kv_block_size", "max_running", "dtype", "weights", "weight_bytes")
+    __slots__ = ("num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "kv_block_size", "max_running", "dtype", "weights", "weight_bytes", "num_threads", "device")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class Load(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_THREADS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_free_kv_blocks: int
@@ -75,13 +77,15 @@ class Load(_message.Message):
     dtype: str
     weights: str
     weight_bytes: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_running: _Optional[int] = ..., dtype: _Optional[str] = ..., weights: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    num_threads: int
+    device: str
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_running: _Optional[int] = ..., dtype: _Optional[str] = ..., weights: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., num_threads: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class GenerateLocalRequest(_message.Message):
+class RequestSpec(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "max_new_tokens", "num_generated")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -94,3 +98,9 @@ class GenerateLocalRequest(_message.Message):
     max_new_tokens: int
     num_generated: int
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., num_generated: _Optional[int] = ...) -> None: ...
+
+class GenerateLocalRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: RequestSpec
+    def __init__(self, spec: _Optional[_Union[RequestSpec, _Mapping]] = ...) -> None: ...

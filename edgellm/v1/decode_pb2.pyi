@@ -78,15 +78,7 @@ class KVAck(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_chunks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., first_chunk_received_unix_ns: _Optional[int] = ..., last_chunk_received_unix_ns: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "sampling", "max_new_tokens", "prompt_token_ids", "num_generated")
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    NUM_GENERATED_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
-    sampling: _common_pb2.SamplingParams
-    max_new_tokens: int
-    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    num_generated: int
-    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., num_generated: _Optional[int] = ...) -> None: ...
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: _common_pb2.RequestSpec
+    def __init__(self, spec: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ...) -> None: ...

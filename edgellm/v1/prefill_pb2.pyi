@@ -1,28 +1,19 @@
 from edgellm.v1 import common_pb2 as _common_pb2
 from edgellm.v1 import decode_pb2 as _decode_pb2
-from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address", "max_new_tokens", "num_generated")
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("spec", "decode_address")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    NUM_GENERATED_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
-    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    sampling: _common_pb2.SamplingParams
+    spec: _common_pb2.RequestSpec
     decode_address: str
-    max_new_tokens: int
-    num_generated: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., num_generated: _Optional[int] = ...) -> None: ...
+    def __init__(self, spec: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ..., decode_address: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token_id", "num_prompt_tokens", "forward_start_unix_ns", "forward_end_unix_ns", "kv", "finish_reason")

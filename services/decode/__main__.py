@@ -9,8 +9,9 @@ import uvloop
 
 from edgellm import config as cfg
 from edgellm import logs, metrics
-from edgellm.launch import pin_process
-from edgellm.engine.setup import build_engine
+from edgellm.placement import pin_process
+from edgellm.engine.weights import TORCH_DTYPES
+from edgellm.engine_builder import build_engine
 from edgellm.quant.checkpoint import CheckpointError
 from edgellm.rpc.server import serve
 from edgellm.transfer.receiver import KVStore
@@ -21,10 +22,9 @@ from services.decode.servicer import DecodeServicer
 async def run(config: cfg.Config) -> None:
     engine, loaded = build_engine(config.model, config.engine, config.placement.threads("decode"), "decode")
     # Unclaimed KV (a request whose first token already finished it, or whose gateway went away) expires.
-    arch = engine.model.arch
-    store = KVStore(
-        arch.num_layers, arch.num_kv_heads, arch.head_dim, engine.cache.k[0].dtype, ttl_s=2 * config.transfer.kv_wait_timeout_s
-    )
+    info = engine.info
+    store = KVStore(info.num_layers, info.num_kv_heads, info.head_dim, TORCH_DTYPES[info.dtype],
+                    ttl_s=2 * config.transfer.kv_wait_timeout_s)
 
     metrics.engine_gauges(engine)
     metrics.gauge("edgellm_kv_staged_requests", "Requests whose KV arrived and awaits Decode", lambda: len(store))

@@ -61,35 +61,36 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def Decode(
         self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.TokenDelta]:
-        bind_request(request.request_id)
-        if request.max_new_tokens < request.num_generated + 2:
+        spec = request.spec
+        bind_request(spec.request_id)
+        if spec.max_new_tokens < spec.num_generated + 2:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "max_new_tokens must be >= num_generated + 2 (prefill samples the next token)",
             )
         try:
-            received = await self.store.claim(request.request_id, self.transfer.kv_wait_timeout_s)
+            received = await self.store.claim(spec.request_id, self.transfer.kv_wait_timeout_s)
         except asyncio.TimeoutError:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"no complete KV for {request.request_id!r} after {self.transfer.kv_wait_timeout_s}s",
+                f"no complete KV for {spec.request_id!r} after {self.transfer.kv_wait_timeout_s}s",
             )
-        if len(request.prompt_token_ids) != received.num_prompt_tokens:
+        if len(spec.prompt_token_ids) != received.num_prompt_tokens:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt_token_ids has {len(request.prompt_token_ids)} tokens, the KV {received.num_prompt_tokens}",
+                f"prompt_token_ids has {len(spec.prompt_token_ids)} tokens, the KV {received.num_prompt_tokens}",
             )
-        if request.num_generated >= len(request.prompt_token_ids):
+        if spec.num_generated >= len(spec.prompt_token_ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_generated must be < len(prompt_token_ids)")
         tokens = self.engine.generate(
-            request.request_id,
-            [*request.prompt_token_ids, received.first_token_id],
-            sampling_from_proto(request.sampling),
-            request.max_new_tokens,
-            num_generated=request.num_generated + 1,
+            spec.request_id,
+            [*spec.prompt_token_ids, received.first_token_id],
+            sampling_from_proto(spec.sampling),
+            spec.max_new_tokens,
+            num_generated=spec.num_generated + 1,
             staged_kv=(received.k, received.v),
         )
-        async for delta in token_deltas(request.request_id, tokens, context):
+        async for delta in token_deltas(spec.request_id, tokens, context):
             yield delta
 
     async def GenerateLocal(

@@ -9,25 +9,28 @@ import uvloop
 
 from edgellm import config as cfg
 from edgellm import logs, metrics
-from edgellm.launch import pin_process
+from edgellm.placement import pin_process
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.server import serve
 from edgellm.v1 import gateway_pb2, gateway_pb2_grpc
+from services.gateway.migration import Migrator
+from services.gateway.pipeline import Pipeline
 from services.gateway.pools import Pools
 from services.gateway.router import Router
 from services.gateway.servicer import GatewayServicer
+from services.gateway.upstream import Upstream
 
 
 async def run(config: cfg.Config) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    from edgellm.engine.weights import resolve_model_dir
+    from edgellm.model_store import resolve_model_dir
 
     model_dir = resolve_model_dir(config.model.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     max_context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
     net = config.network
-    router = Router(net.prefill_addresses, net.decode_addresses)
+    router = Router()  # no route until the monitor's first table
     channels = ChannelPool()
     follow_task: asyncio.Task | None = None
 
@@ -42,8 +45,9 @@ async def run(config: cfg.Config) -> None:
         metrics.gauge("edgellm_route_mode", "Routing mode in force here (1 normal, 2 degraded, 3 colocated, "
                       "4 no prefill)", lambda: router.mode)
         metrics.serve_metrics(net.gateway_metrics_port, net.host)
-        servicer = GatewayServicer(tokenizer, max_context, router, pools, channels, config.gateway)
-        gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+        migrator = Migrator(router, pools, Upstream(channels), config.gateway)
+        pipeline = Pipeline(tokenizer, max_context, pools, migrator, config.gateway)
+        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pipeline), server)
         return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
     async def ready() -> None:
@@ -55,7 +59,9 @@ async def run(config: cfg.Config) -> None:
             follow_task.cancel()
 
     try:
-        await serve("gateway", f"{net.host}:{net.gateway_port}", register, ready=ready, on_stop=on_stop)
+        # Health follows the routes: SERVING only while the monitor's table has a healthy service.
+        await serve("gateway", f"{net.host}:{net.gateway_port}", register, ready=ready, on_stop=on_stop,
+                    readiness=router.readiness)
     finally:
         await channels.close()
 

@@ -3,8 +3,8 @@
   prefill pool  every accepted request starts here. At most max_inflight_prefills of them are
                 at prefill services at once (enough for one packed prefill batch); the rest
                 wait in arrival order, at most max_queued_requests of them. A request over
-                that bound is refused at once with RESOURCE_EXHAUSTED, and one whose deadline
-                passes while it waits gets DEADLINE_EXCEEDED: nothing waits forever.
+                that bound is refused at once (ResourceExhausted), and one whose deadline
+                passes while it waits gets DeadlineExceeded: nothing waits forever.
   decode pool   once its KV is at a decode service (or, in degraded/colocated mode, its first
                 token came back), a request moves to that service's decode pool until its
                 stream ends. New prefills are admitted while others decode (time to first
@@ -20,15 +20,8 @@ from __future__ import annotations
 import asyncio
 import collections
 
-import grpc
-
 from edgellm.v1 import monitor_pb2
-
-
-class AdmissionError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+from services.gateway.errors import DeadlineExceeded, ResourceExhausted
 
 
 class Pools:
@@ -45,10 +38,10 @@ class Pools:
         return sum(self.decoding.values())
 
     async def enter_prefill(self, timeout_s: float | None) -> None:
-        """Wait for a prefill slot; raises AdmissionError when the queue is full or the deadline passes."""
+        """Wait for a prefill slot; raises ResourceExhausted when the queue is full, DeadlineExceeded
+        when the deadline passes first."""
         if self._slots.locked() and self.num_prefill_waiting >= self.max_queued:
-            raise AdmissionError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ResourceExhausted(
                 f"prefill queue is full: {self.num_prefill_waiting} requests waiting "
                 f"(max_queued_requests={self.max_queued})",
             )
@@ -56,9 +49,7 @@ class Pools:
         try:
             await asyncio.wait_for(self._slots.acquire(), timeout_s)
         except asyncio.TimeoutError:
-            raise AdmissionError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed while it waited in the prefill queue"
-            ) from None
+            raise DeadlineExceeded("the request's deadline passed while it waited in the prefill queue") from None
         finally:
             self.num_prefill_waiting -= 1
         self.num_prefilling += 1

@@ -9,7 +9,7 @@ import uvloop
 
 from edgellm import config as cfg
 from edgellm import logs, metrics
-from edgellm.launch import pin_process
+from edgellm.placement import pin_process
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.server import serve
 from edgellm.v1 import common_pb2, monitor_pb2, monitor_pb2_grpc

@@ -8,8 +8,8 @@ import uvloop
 
 from edgellm import config as cfg
 from edgellm import logs, metrics
-from edgellm.launch import pin_process
-from edgellm.engine.setup import build_engine
+from edgellm.placement import pin_process
+from edgellm.engine_builder import build_engine
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.server import serve
 from edgellm.v1 import prefill_pb2, prefill_pb2_grpc

@@ -27,6 +27,7 @@ import torch
 from edgellm import metrics
 from edgellm.config import TransferConfig
 from edgellm.engine.loop import EngineLoop
+from edgellm.engine.weights import TORCH_DTYPES
 from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.load import engine_load
@@ -45,35 +46,35 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.engine = engine
         self.channels = channels
         self.transfer = transfer
-        self.arch = arch = engine.model.arch
-        self.vocab_size, self.num_layers = arch.vocab_size, arch.num_layers
+        self.vocab_size, self.num_layers = engine.info.vocab_size, engine.info.num_layers
         self.backup = PromptKVBackup(int(transfer.kv_backup_mb * 2**20), transfer.kv_backup_ttl_s)
 
     async def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.PrefillResponse:
-        bind_request(request.request_id)
-        await check_prompt(context, request.prompt_token_ids, self.vocab_size, self.engine.max_context)
-        await check_num_generated(context, request)
+        spec = request.spec
+        bind_request(spec.request_id)
+        await check_prompt(context, spec.prompt_token_ids, self.vocab_size, self.engine.info.max_context)
+        await check_num_generated(context, spec)
         if not request.decode_address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "decode_address is required")
-        sampling = sampling_from_proto(request.sampling)
+        sampling = sampling_from_proto(spec.sampling)
         stub = decode_pb2_grpc.DecodeStub(self.channels.get(request.decode_address))
         sender = KVStreamSender(
             stub,
-            request.request_id,
-            len(request.prompt_token_ids),
+            spec.request_id,
+            len(spec.prompt_token_ids),
             self.num_layers,
             self.transfer.kv_layers_per_chunk,
             self.transfer.kv_max_chunk_bytes,
             max_inflight_bytes=int(self.transfer.kv_max_inflight_mb * 2**20),
             window_timeout_s=self.transfer.kv_wait_timeout_s,
             wire_dtype=codec.TRANSFER_DTYPES.get(self.transfer.kv_transfer_dtype),
-            fault=faults.fault_for(request.request_id) if self.transfer.kv_fault_injection else None,
+            fault=faults.fault_for(spec.request_id) if self.transfer.kv_fault_injection else None,
             link_mbps=self.transfer.kv_link_mbps,
             after_prefill=self.transfer.kv_send_after_prefill,
         )
-        kept = None if request.num_generated else self._keeper(len(request.prompt_token_ids))
+        kept = None if spec.num_generated else self._keeper(len(spec.prompt_token_ids))
 
         def on_layer_kv(layer: int, k, v) -> None:  # engine thread
             if kept is not None:
@@ -83,12 +84,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
         try:
             result = await self.engine.prefill(
-                request.request_id,
-                list(request.prompt_token_ids),
+                spec.request_id,
+                list(spec.prompt_token_ids),
                 sampling,
-                request.max_new_tokens,
+                spec.max_new_tokens,
                 on_layer_kv,
-                num_generated=request.num_generated,
+                num_generated=spec.num_generated,
             )
             if sender.gave_up:  # decode took nothing for kv_wait_timeout_s while the forward pass ran
                 raise TimeoutError
@@ -117,8 +118,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             sender.abort()
             raise
         if kept is not None:
-            self.backup.put(request.request_id, list(request.prompt_token_ids), *kept)
-        metrics.KV_BYTES_SENT.inc(ack.num_bytes)
+            self.backup.put(spec.request_id, list(spec.prompt_token_ids), *kept)
+        metrics.KV_BYTES_SENT.inc(sender.num_bytes_sent)  # counted here: decode's ack is checked against it
         metrics.KV_TRANSFER.observe((ack.last_chunk_received_unix_ns - result.forward_start_unix_ns) / 1e9)
         log.info(
             "prefilled",
@@ -128,7 +129,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             kv_bytes=ack.num_bytes,
         )
         return prefill_pb2.PrefillResponse(
-            request_id=request.request_id,
+            request_id=spec.request_id,
             first_token_id=result.first_token_id,
             num_prompt_tokens=result.num_prompt_tokens,
             forward_start_unix_ns=result.forward_start_unix_ns,
@@ -140,9 +141,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def _keeper(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Room for one prompt's K/V, [L, Hkv, P, D] each, filled layer by layer as the forward pass
         runs; None when the backup is off or could not hold it."""
-        a = self.arch
-        shape = (a.num_layers, a.num_kv_heads, num_tokens, a.head_dim)
-        dtype = self.engine.cache.k[0].dtype
+        info = self.engine.info
+        shape = (info.num_layers, info.num_kv_heads, num_tokens, info.head_dim)
+        dtype = TORCH_DTYPES[info.dtype]
         if 2 * math.prod(shape) * dtype.itemsize > self.backup.max_bytes:
             return None
         return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
@@ -150,8 +151,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def GenerateLocal(
         self, request: common_pb2.GenerateLocalRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.TokenDelta]:
+        spec = request.spec
         # A takeover (num_generated > 0) of a request prefilled here reuses its prompt's K/V.
-        kept = self.backup.get(request.request_id, list(request.prompt_token_ids)) if request.num_generated else None
+        kept = self.backup.get(spec.request_id, list(spec.prompt_token_ids)) if spec.num_generated else None
         async for delta in generate_local(self.engine, request, context, prefix_kv=kept):
             yield delta
 

@@ -1,7 +1,8 @@
 """Fault tolerance through real processes: 16 greedy streams in flight, then a decode service is
 killed (-9), hung (SIGSTOP) or cut off (its network link goes down: a veth pair into its own
-network namespace where root allows, else a TCP proxy stops moving bytes), the monitor dies, or the prefill
-service dies. Every stream must end with the same tokens as a run with no fault.
+network namespace where root allows, else a TCP proxy stops moving bytes), or the monitor dies. With the
+prefill service down before requests arrive, the decode service prefills too. Every stream must end
+with the same tokens as a run with no fault.
 
 Each failure test has a negative twin (`--migrate false`) that must lose streams, so a pass
 proves the migration and not luck. Every run counts requests in and results out: each stream

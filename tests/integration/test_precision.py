@@ -38,8 +38,8 @@ def test_bf16_prefill_feeds_fp32_decode(mixed_stack, tiny_model_dir):
     prompt = list(range(100, 140))
     with grpc.insecure_channel(mixed_stack.address("prefill")) as channel:
         reply = prefill_pb2_grpc.PrefillStub(channel).Prefill(
-            prefill_pb2.PrefillRequest(request_id="p1", prompt_token_ids=prompt, sampling=common_pb2.SamplingParams(),
-                                       decode_address=mixed_stack.address("decode"), max_new_tokens=2),
+            prefill_pb2.PrefillRequest(spec=common_pb2.RequestSpec(request_id="p1", prompt_token_ids=prompt, max_new_tokens=2),
+                                       decode_address=mixed_stack.address("decode")),
             timeout=30,
         )
     layers, kv_heads, head_dim = 4, 2, 16  # the tiny model

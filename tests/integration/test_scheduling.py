@@ -92,6 +92,7 @@ def test_every_service_serves_prometheus_metrics(tiny_stack):
         assert name in gateway
     prefill, decode = scrape(net.prefill_metrics_port), scrape(net.decode_metrics_port)
     assert metric(prefill, "edgellm_kv_bytes_sent_total") > 0 and metric(prefill, "edgellm_kv_transfer_seconds_count") > 0
+    # Counted on each side on its own: prefill what it handed to gRPC, decode what it accepted.
     assert metric(decode, "edgellm_kv_bytes_received_total") == metric(prefill, "edgellm_kv_bytes_sent_total")
     assert metric(decode, "edgellm_kv_blocks_free") > 0 and "edgellm_engine_running" in decode
     assert metric(scrape(net.monitor_metrics_port), "edgellm_healthy_services") == 2

@@ -42,8 +42,9 @@ def test_kv_crosses_the_shaped_link_no_faster_than_its_rate(tiny_model_dir):
             prompt = [100 + i % 5000 for i in range(1900)]
             with grpc.insecure_channel(stack.address("prefill")) as channel:
                 reply = prefill_pb2_grpc.PrefillStub(channel).Prefill(
-                    prefill_pb2.PrefillRequest(request_id="shaped", prompt_token_ids=prompt, max_new_tokens=2,
-                                               sampling=common_pb2.SamplingParams(), decode_address=decode),
+                    prefill_pb2.PrefillRequest(
+                        spec=common_pb2.RequestSpec(request_id="shaped", prompt_token_ids=prompt, max_new_tokens=2),
+                        decode_address=decode),
                     timeout=120,
                 )
         finally:

@@ -63,7 +63,7 @@ def test_precision_per_phase():
 
 
 def test_up_gives_the_two_engines_disjoint_cpus_unless_placed():
-    from edgellm.launch import split_engine_cpus
+    from edgellm.placement import split_engine_cpus
 
     split = split_engine_cpus(cfg.parse([], env={}), (0, 1, 2))
     assert (split.placement.prefill_cpus, split.placement.decode_cpus) == ("0,1", "2")
@@ -71,3 +71,22 @@ def test_up_gives_the_two_engines_disjoint_cpus_unless_placed():
     placed = cfg.parse(["--decode-cpus", "1"], env={})
     assert split_engine_cpus(placed, (0, 1)) == placed
     assert split_engine_cpus(cfg.parse([], env={}), (0,)).placement.prefill_cpus == ""
+
+
+def test_a_section_replaced_after_parsing_reaches_the_children_argv():
+    """`edgellm up` splits the CPUs with dataclasses.replace; the argv its children get must carry it
+    (it once read a shadow dict of the parsed values and dropped the split)."""
+    from edgellm.placement import split_engine_cpus
+
+    split = split_engine_cpus(cfg.parse([], env={}), (0, 1))
+    child = cfg.parse(cfg.to_argv(split), env={})
+    assert (child.placement.prefill_cpus, child.placement.decode_cpus) == ("0", "1")
+    assert child == split
+
+
+def test_every_option_lives_in_exactly_one_place():
+    import dataclasses
+
+    homes = [f.name for section in dataclasses.fields(cfg.Config) if section.name != "log_level"
+             for f in dataclasses.fields(section.type if isinstance(section.type, type) else getattr(cfg, section.type))]
+    assert sorted(homes + ["log_level"]) == sorted(o.name for o in cfg.OPTIONS)

@@ -7,7 +7,7 @@ import torch
 
 from edgellm.engine.loop import EngineLimits, EngineLoop
 from edgellm.engine.sampling import SamplingParams
-from edgellm.engine.sequence import Kind, Sequence
+from edgellm.engine.sequence import Kind
 from edgellm.engine.weights import load_model
 
 GREEDY = SamplingParams()
@@ -27,9 +27,16 @@ def prompts(n, seed=0):
     return [torch.randint(0, 1000, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
 
 
-def local_sequence(request_id, prompt, max_new, out):
-    return Sequence(request_id, Kind.LOCAL, list(prompt), len(prompt), GREEDY, max_new,
-                    emit=lambda token, finish: out.append((token, finish)))
+def submit_local(engine, request_id, prompt, max_new, out):
+    engine.submit(engine.new_sequence(request_id, Kind.LOCAL, prompt, GREEDY, max_new),
+                  lambda token, finish: out.append((token, finish)))
+
+
+def assert_nothing_held(engine):
+    """Every block back, and no tensors, hooks or callbacks left behind for finished sequences."""
+    assert engine.stats().num_free_kv_blocks == engine.info.num_kv_blocks
+    assert engine.runner.held_seq_ids == set()
+    assert engine._emits == {}
 
 
 async def collect(engine, prompt, max_new, sampling=GREEDY):
@@ -47,20 +54,18 @@ def run_engine(engine, coro_factory):
 def test_sequences_join_and_leave_the_running_batch_between_steps(tiny):
     engine = make_engine(tiny)
     out_a, out_b = [], []
-    a = local_sequence("a", [1, 2, 3, 4, 5], 3, out_a)
-    b = local_sequence("b", [6, 7, 8], 5, out_b)
-    engine.scheduler.add(a)
+    submit_local(engine, "a", [1, 2, 3, 4, 5], 3, out_a)
     assert [s.request_id for s in engine.step().prefills] == ["a"]  # a prefills (first token)
     assert [s.request_id for s in engine.step().decodes] == ["a"]
-    engine.scheduler.add(b)  # b arrives while a is decoding
+    submit_local(engine, "b", [6, 7, 8], 5, out_b)  # b arrives while a is decoding
     assert [s.request_id for s in engine.step().prefills] == ["b"]  # prefill first
     assert [s.request_id for s in engine.step().decodes] == ["a", "b"]  # b joined; a's 3rd token ends it
     assert out_a[-1][1] == "length" and len(out_a) == 3
     assert [s.request_id for s in engine.step().decodes] == ["b"]  # a left between steps
-    while engine.scheduler.has_work:
+    while engine.has_work:
         engine.step()
     assert len(out_b) == 5 and out_b[-1][1] == "length"
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks  # every block back
+    assert_nothing_held(engine)
 
 
 def test_batched_greedy_equals_one_at_a_time(tiny):
@@ -75,7 +80,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
     alone, together = run_engine(engine, scenario)
     assert together == alone
     assert len(set(map(tuple, alone))) > 8  # the prompts really lead to different outputs
-    assert engine.max_decode_batch >= 8  # and they really were decoded in one batch
+    assert engine.stats().max_decode_batch >= 8  # and they really were decoded in one batch
 
 
 def test_preempted_requests_finish_with_the_unpreempted_output(tiny):
@@ -86,34 +91,34 @@ def test_preempted_requests_finish_with_the_unpreempted_output(tiny):
 
     roomy = make_engine(tiny, num_blocks=256)
     expected = run_engine(roomy, lambda: everything(roomy))
-    assert roomy.num_preemptions == 0
+    assert roomy.stats().num_preemptions == 0
     # 6 sequences of up to ~70 tokens need ~105 blocks of 4; 40 blocks force preemptions.
     tight = make_engine(tiny, num_blocks=40)
     got = run_engine(tight, lambda: everything(tight))
-    assert tight.num_preemptions > 0
+    assert tight.stats().num_preemptions > 0
     assert got == expected
-    assert tight.blocks.num_free_blocks == 40
+    assert_nothing_held(tight)
 
 
 def test_cancelled_stream_frees_its_blocks(tiny):
     engine = make_engine(tiny)
-    free_at_start = engine.blocks.num_free_blocks
+    free_at_start = engine.stats().num_free_kv_blocks
 
     async def scenario():
         stream = engine.generate("c", prompts(1)[0], GREEDY, 500)
         got = [await anext(stream) for _ in range(3)]
-        held = engine.blocks.num_free_blocks
+        held = engine.stats().num_free_kv_blocks
         await stream.aclose()  # the client went away
         for _ in range(100):
-            if engine.blocks.num_free_blocks == free_at_start:
+            if engine.stats().num_free_kv_blocks == free_at_start:
                 break
             await asyncio.sleep(0.01)
         return got, held
 
     got, held = run_engine(engine, scenario)
     assert len(got) == 3 and held < free_at_start
-    assert engine.blocks.num_free_blocks == free_at_start
-    assert engine.num_running == 0
+    assert engine.stats().num_running == 0
+    assert_nothing_held(engine)
 
 
 def test_request_larger_than_the_cache_is_refused(tiny):
@@ -149,7 +154,8 @@ def test_decoding_from_staged_kv_equals_local_generation(tiny, prompt_len):
         return [t async for t, _ in stream]
 
     assert [first, *run_engine(decode, decode_rest)] == expected
-    assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
+    assert_nothing_held(decode)
+    assert_nothing_held(prefill)  # the layer hook too
 
 
 @pytest.mark.parametrize("num_sent", [1, 5, 8])
@@ -182,7 +188,7 @@ def test_a_takeover_after_sent_tokens_continues_the_same_generation(tiny, num_se
         return [t async for t, _ in stream]
 
     assert [*sent, result.first_token_id, *run_engine(decode, decode_rest)] == expected
-    assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
+    assert_nothing_held(decode)
 
 
 @pytest.mark.parametrize("num_sent", [2, 9])
@@ -210,4 +216,45 @@ def test_a_local_takeover_from_a_kept_prompt_kv_equals_recomputing_it(tiny, num_
         return [t async for t, _ in rest]
 
     assert run_engine(engine, prefill_then_take_over) == expected[num_sent:]
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert_nothing_held(engine)
+
+
+def test_engine_info_describes_the_engine_and_its_weights(tiny):
+    a = tiny.model.arch
+    info = make_engine(tiny, num_blocks=32).info
+    assert (info.device, info.dtype, info.weights_label) == ("cpu", "fp32", "fp32")
+    assert (info.num_layers, info.num_kv_heads, info.head_dim) == (a.num_layers, a.num_kv_heads, a.head_dim)
+    assert (info.vocab_size, info.max_context) == (a.vocab_size, a.max_position_embeddings)
+    assert (info.num_kv_blocks, info.kv_block_size, info.max_running) == (32, 4, 64)
+    assert info.weight_bytes == tiny.model.weight_bytes()
+    labelled = EngineLoop(tiny.model, frozenset(), EngineLimits(num_blocks=8), weights_label="int4-awq g32")
+    assert labelled.info.weights_label == "int4-awq g32"
+
+
+def test_a_failed_step_reports_an_error_and_releases_everything(tiny):
+    engine = make_engine(tiny)
+    out, hooked = [], []
+    submit_local(engine, "a", [1, 2, 3], 10, out)
+    engine.submit(engine.new_sequence("p", Kind.PREFILL_ONLY, [4, 5], GREEDY, 10),
+                  lambda token, finish: hooked.append((token, finish)), on_layer_kv=lambda *_: None)
+    engine.step()  # both prefill; "a" starts decoding
+
+    def broken(seqs):
+        raise RuntimeError("kernel fault")
+
+    engine.runner.decode = broken
+    engine.step()
+    assert out[-1] == (None, "error") and len(hooked) == 1
+    assert not engine.has_work
+    assert_nothing_held(engine)
+
+
+def test_a_cancelled_sequence_drops_its_staged_kv(tiny):
+    a = tiny.model.arch
+    engine = make_engine(tiny)
+    k = torch.zeros(a.num_layers, a.num_kv_heads, 5, a.head_dim)
+    seq = engine.new_sequence("d", Kind.FROM_KV, [1, 2, 3, 4, 5, 6], GREEDY, 10, num_generated=1)
+    engine.submit(seq, lambda *_: None, staged_kv=(k, k.clone()))
+    seq.cancelled = True  # the client left before the engine took it
+    assert engine.step().finished_seq_ids == [seq.seq_id]
+    assert_nothing_held(engine)

@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from edgellm.engine.weights import prepare_default_model
+from edgellm.model_store import prepare_default_model
 from services.gateway.text import TextStream
 
 

@@ -1,28 +1,18 @@
-"""Build a ready EngineLoop from the model section of the config (shared by prefill and decode)."""
+"""Compose a ready EngineLoop for a prefill or decode service: load the weights (dense, or
+INT4 through quant's transform), size the KV cache from the config, start the engine thread.
+
+It sits above both engine and quant: quant transforms the engine's model, the engine
+imports neither quant nor this module.
+"""
 
 from __future__ import annotations
-
-import os
-
-import torch
 
 from edgellm.config import EngineConfig, ModelConfig
 from edgellm.engine.kv_cache import PagedKVCache
 from edgellm.engine.loop import EngineLimits, EngineLoop
 from edgellm.engine.weights import LoadedModel, load_model
+from edgellm.placement import engine_threads
 from edgellm.quant.prepare import Int4Settings, load_int4_model
-
-
-def engine_threads(requested: int) -> int:
-    """Keep torch single-threaded on the calling (event loop) thread; return the thread count
-    for the engine thread: `requested`, or one per CPU this process may use.
-
-    Why: torch's OpenMP team belongs to the thread that first runs a parallel op. If the main
-    thread (KV staging, cache allocation) also had a multi-threaded team, two teams fight over
-    the cores: a decode step went from 33 to 61-73 ms/token here.
-    """
-    torch.set_num_threads(1)
-    return requested or len(os.sched_getaffinity(0))
 
 
 def int4_settings(model_cfg: ModelConfig) -> Int4Settings | None:
@@ -49,6 +39,7 @@ def load_service_model(model_cfg: ModelConfig, service: str, num_threads: int) -
 def build_engine(
     model_cfg: ModelConfig, engine_cfg: EngineConfig, threads: int, service: str
 ) -> tuple[EngineLoop, LoadedModel]:
+    """Load the service's model and return its started (warmed-up) engine."""
     num_threads = engine_threads(threads)
     loaded = load_service_model(model_cfg, service, num_threads)
     a = loaded.model.arch
@@ -61,7 +52,7 @@ def build_engine(
         max_running=engine_cfg.max_running,
         max_consecutive_prefills=engine_cfg.max_consecutive_prefills,
     )
-    engine = EngineLoop(loaded.model, loaded.eos_token_ids, limits, num_threads=num_threads)
-    engine.weights_label = weights_label(model_cfg, service)
+    engine = EngineLoop(loaded.model, loaded.eos_token_ids, limits, num_threads=num_threads,
+                        weights_label=weights_label(model_cfg, service))
     engine.start()  # returns after the engine thread's warm-up
     return engine, loaded

@@ -1,0 +1,141 @@
+"""The gateway's request pipeline, free of any transport: GenerateInput in, events out.
+
+Lifecycle of a request:
+  validate -> tokenize (prompt as is, or messages through the chat template) ->
+  prefill pool (pools.py: bounded queue, deadline) -> tokens (migration.py: route, run on
+  the engine services, move on failure) -> text deltas (text.py: incremental
+  detokenization, stop strings) -> one Finished event with finish_reason, usage and timings,
+  and the request's metrics.
+A request that cannot be served raises a GatewayError (errors.py) before or between events;
+a front end maps it to its own status. A consumer that stops iterating (a client that
+cancels, or a stop string) closes the token stream, which cancels the upstream calls and
+frees the request's KV blocks at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import structlog
+
+from edgellm import metrics
+from edgellm.config import GatewayConfig
+from edgellm.logs import bind_request
+from services.gateway.errors import GatewayError, InvalidRequest
+from services.gateway.migration import Migrator
+from services.gateway.pools import Pools
+from services.gateway.request import Event, Finished, GenerateInput, Request, TextDelta, Timings, Usage
+from services.gateway.text import TextStream
+
+log = structlog.get_logger(__name__)
+ROLES = ("system", "user", "assistant")
+
+
+class Pipeline:
+    """Runs requests through pools and migrator; one per gateway process, shared by its front ends."""
+
+    def __init__(self, tokenizer: Any, max_context: int, pools: Pools, migrator: Migrator, cfg: GatewayConfig) -> None:
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.pools = pools
+        self.migrator = migrator
+        self.cfg = cfg
+
+    async def generate(self, inp: GenerateInput, timeout_s: float | None = None) -> AsyncIterator[Event]:
+        """TextDelta events, then one Finished. timeout_s: the client's time left (None: none);
+        the gateway's --request-timeout-s bounds it too. Raises GatewayError."""
+        received = time.monotonic()
+        request_id = inp.request_id or uuid.uuid4().hex
+        bind_request(request_id)
+        req = self._accept(inp, request_id, timeout_s)
+        try:
+            await self.pools.enter_prefill(req.timeout())
+        except GatewayError as e:  # ResourceExhausted, DeadlineExceeded
+            log.warning("request_refused", error=type(e).__name__, reason=e.message)
+            raise
+        log.info("request_accepted", num_prompt_tokens=len(req.prompt_token_ids), max_new_tokens=req.max_new_tokens)
+        first_token_at: float | None = None
+        try:
+            text = TextStream(self.tokenizer, list(inp.stop))
+            finish = "length"
+            # Closing the token stream (a stop string, or the consumer went away) cancels the upstream call.
+            async with contextlib.aclosing(self.migrator.tokens(req)) as tokens:
+                async for token, token_finish in tokens:
+                    if first_token_at is None:
+                        first_token_at = time.monotonic()
+                    req.generated.append(token)
+                    delta = text.add(token)
+                    if text.stopped:
+                        finish = "stop"
+                    elif token_finish is not None:
+                        finish = token_finish
+                        delta += text.flush()
+                    yield TextDelta(req.request_id, delta, [token])
+                    if text.stopped or token_finish is not None:
+                        break
+        finally:
+            if req.decode_pool is None:
+                self.pools.leave_prefill()
+            else:
+                self.pools.leave_decode(req.decode_pool)
+        yield self._finished(req, finish, received, first_token_at)
+
+    def _accept(self, inp: GenerateInput, request_id: str, timeout_s: float | None) -> Request:
+        """The request as the gateway tracks it; raises InvalidRequest."""
+        s = inp.sampling
+        if s.temperature < 0:
+            raise InvalidRequest("temperature must be >= 0")
+        if not 0 <= s.top_p <= 1:
+            raise InvalidRequest("top_p must be in [0, 1]")
+        if s.top_k < 0:
+            raise InvalidRequest("top_k must be >= 0")
+        if inp.max_tokens < 0:
+            raise InvalidRequest("max_tokens must be >= 0")
+        prompt_ids = self._tokenize(inp)
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise InvalidRequest(
+                f"prompt is {len(prompt_ids)} tokens; the model's context is {self.max_context} tokens")
+        limits = [t for t in (timeout_s, self.cfg.request_timeout_s or None) if t is not None]
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=s,
+            seed=inp.seed if inp.seed is not None else random.getrandbits(63),
+            # Generation also ends at the context's end (finish_reason "length").
+            max_new_tokens=min(inp.max_tokens or self.cfg.default_max_tokens, self.max_context - len(prompt_ids)),
+            deadline=time.monotonic() + min(limits) if limits else None,
+        )
+
+    def _tokenize(self, inp: GenerateInput) -> list[int]:
+        if bool(inp.prompt) == bool(inp.messages):
+            raise InvalidRequest("give exactly one of prompt or messages")
+        if inp.prompt:
+            return list(self.tokenizer(inp.prompt)["input_ids"])
+        if not self.tokenizer.chat_template:
+            raise InvalidRequest("this model has no chat template: send prompt instead")
+        if any(m.role not in ROLES for m in inp.messages):
+            raise InvalidRequest("message roles must be system, user or assistant")
+        messages = [{"role": m.role, "content": m.content} for m in inp.messages]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
+
+    def _finished(self, req: Request, finish: str, received: float, first_token_at: float | None) -> Finished:
+        """The last event, and the request's metrics."""
+        num_prompt, num_generated = len(req.prompt_token_ids), len(req.generated)
+        done = time.monotonic()
+        ttft = (first_token_at - received) * 1000 if first_token_at else 0.0
+        tpot = (done - first_token_at) * 1000 / (num_generated - 1) if first_token_at and num_generated > 1 else 0.0
+        log.info("request_finished", finish_reason=finish, completion_tokens=num_generated, ttft_ms=round(ttft, 1))
+        metrics.REQUESTS.labels(finish).inc()
+        metrics.PROMPT_TOKENS.inc(num_prompt)
+        metrics.GENERATED_TOKENS.inc(num_generated)
+        metrics.TTFT.observe(ttft / 1000)
+        if num_generated > 1:
+            metrics.TPOT.observe(tpot / 1000)
+        return Finished(req.request_id, finish, Usage(num_prompt, num_generated), Timings(ttft, tpot))
