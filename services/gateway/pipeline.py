@@ -24,6 +24,7 @@ import structlog
 
 from edgellm import metrics
 from edgellm.config import GatewayConfig
+from edgellm.engine.sampling_params import SamplingParams
 from edgellm.logs import bind_request
 from services.gateway.errors import GatewayError, InvalidRequest
 from services.gateway.migration import Migrator
@@ -87,12 +88,10 @@ class Pipeline:
     def _accept(self, inp: GenerateInput, request_id: str, timeout_s: float | None) -> Request:
         """The request as the gateway tracks it; raises InvalidRequest."""
         s = inp.sampling
-        if s.temperature < 0:
-            raise InvalidRequest("temperature must be >= 0")
-        if not 0 <= s.top_p <= 1:
-            raise InvalidRequest("top_p must be in [0, 1]")
-        if s.top_k < 0:
-            raise InvalidRequest("top_k must be >= 0")
+        try:  # the engine's own rules, checked at the door
+            SamplingParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
         if inp.max_tokens < 0:
             raise InvalidRequest("max_tokens must be >= 0")
         prompt_ids = self._tokenize(inp)
