@@ -1,0 +1,226 @@
+"""The typed, frozen sections of the configuration, each validated in __post_init__."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from edgellm.config.options import DECODE_WEIGHTS, DTYPES, INT4_KERNELS, KV_TRANSFER_DTYPES
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """'0-2,5' -> (0, 1, 2, 5)."""
+    cpus: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        cpus += range(int(first), int(last or first) + 1)
+    return tuple(cpus)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str
+    prefill_dtype: str
+    decode_weights: str
+    int4_group_size: int
+    int4_outliers: int
+    int4_lm_head: bool
+    int4_checkpoint: str
+    int4_kernel: str
+
+    def __post_init__(self) -> None:
+        if self.int4_group_size not in (32, 64, 128):
+            raise ValueError("int4_group_size must be 32, 64 or 128")
+        if self.int4_outliers < 0:
+            raise ValueError("int4_outliers must be >= 0")
+        if self.prefill_dtype not in DTYPES:
+            raise ValueError(f"prefill_dtype must be one of {DTYPES}, got {self.prefill_dtype!r}")
+        if self.int4_kernel not in INT4_KERNELS:
+            raise ValueError(f"int4_kernel must be one of {INT4_KERNELS}, got {self.int4_kernel!r}")
+        if self.decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {self.decode_weights!r}")
+
+    def dtype_for(self, service: str) -> str:
+        """The activation (and KV cache) precision of an engine service. INT4 decode computes
+        in bf16: torch's CPU int4 kernel takes bf16 activations, and with ours (which computes
+        in fp32 inside) fp32 activations measured no faster while doubling the KV cache."""
+        if service == "prefill":
+            return self.prefill_dtype
+        return self.decode_weights if self.decode_weights in DTYPES else "bf16"
+
+    @property
+    def int4(self) -> bool:
+        return self.decode_weights.startswith("int4-")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Which CPUs each service may use, and how many torch threads each engine runs.
+    On one machine this stands in for separate devices (e.g. prefill on core 0, decode on core 1)."""
+
+    prefill_threads: int
+    decode_threads: int
+    prefill_cpus: str
+    decode_cpus: str
+    gateway_cpus: str
+    monitor_cpus: str
+
+    def __post_init__(self) -> None:
+        if self.prefill_threads < 0 or self.decode_threads < 0:
+            raise ValueError("prefill_threads and decode_threads must be >= 0")
+        for service in ("prefill", "decode", "gateway", "monitor"):
+            try:
+                parse_cpu_list(getattr(self, f"{service}_cpus"))
+            except ValueError:
+                raise ValueError(f"{service}_cpus must look like '0' or '0-1,3'") from None
+
+    def cpus(self, service: str) -> tuple[int, ...]:
+        return parse_cpu_list(getattr(self, f"{service}_cpus"))
+
+    def threads(self, service: str) -> int:
+        return getattr(self, f"{service}_threads")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_cache_mb: int
+    kv_block_size: int
+    max_batch_tokens: int
+    max_running: int
+    max_consecutive_prefills: int
+
+    def __post_init__(self) -> None:
+        for name in ("kv_cache_mb", "kv_block_size", "max_batch_tokens", "max_running", "max_consecutive_prefills"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    host: str
+    gateway_port: int
+    prefill_port: int
+    decode_port: int
+    monitor_port: int
+    gateway_metrics_port: int
+    prefill_metrics_port: int
+    decode_metrics_port: int
+    monitor_metrics_port: int
+    prefill_addrs: tuple[str, ...]
+    decode_addrs: tuple[str, ...]
+    monitor_addr: str
+    colocated: bool
+
+    def __post_init__(self) -> None:
+        for name in ("gateway_port", "prefill_port", "decode_port", "monitor_port", "gateway_metrics_port",
+                     "prefill_metrics_port", "decode_metrics_port", "monitor_metrics_port"):
+            port = getattr(self, name)
+            if not 0 <= port < 65536:
+                raise ValueError(f"{name} must be a TCP port, got {port}")
+
+    @property
+    def prefill_addresses(self) -> tuple[str, ...]:
+        return self.prefill_addrs or (f"127.0.0.1:{self.prefill_port}",)
+
+    @property
+    def decode_addresses(self) -> tuple[str, ...]:
+        if self.colocated:
+            return ()
+        return self.decode_addrs or (f"127.0.0.1:{self.decode_port}",)
+
+    @property
+    def monitor_address(self) -> str:
+        return self.monitor_addr or f"127.0.0.1:{self.monitor_port}"
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    kv_layers_per_chunk: int
+    kv_max_chunk_bytes: int
+    kv_max_inflight_mb: float
+    kv_backup_mb: float
+    kv_backup_ttl_s: float
+    kv_wait_timeout_s: float
+    kv_transfer_dtype: str
+    kv_link_mbps: float
+    kv_send_after_prefill: bool
+    kv_fault_injection: bool
+
+    def __post_init__(self) -> None:
+        if self.kv_layers_per_chunk < 1:
+            raise ValueError("kv_layers_per_chunk must be >= 1")
+        if not 1024 <= self.kv_max_chunk_bytes <= 3 << 20:
+            # gRPC's default message limit is 4 MiB; a chunk carries K and V plus headers.
+            raise ValueError("kv_max_chunk_bytes must be between 1 KiB and 3 MiB")
+        if self.kv_wait_timeout_s <= 0:
+            raise ValueError("kv_wait_timeout_s must be > 0")
+        if self.kv_max_inflight_mb <= 0:
+            raise ValueError("kv_max_inflight_mb must be > 0")
+        if self.kv_backup_mb < 0 or self.kv_backup_ttl_s <= 0:
+            raise ValueError("kv_backup_mb must be >= 0 and kv_backup_ttl_s > 0")
+        if self.kv_link_mbps < 0:
+            raise ValueError("kv_link_mbps must be >= 0")
+        if self.kv_transfer_dtype not in KV_TRANSFER_DTYPES:
+            raise ValueError(f"kv_transfer_dtype must be one of {KV_TRANSFER_DTYPES}")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    health_interval_s: float
+    health_timeout_s: float
+    down_after: int
+    up_after: int
+
+    def __post_init__(self) -> None:
+        if self.health_interval_s <= 0 or self.health_timeout_s <= 0:
+            raise ValueError("health_interval_s and health_timeout_s must be > 0")
+        if self.down_after < 1 or self.up_after < 1:
+            raise ValueError("down_after and up_after must be >= 1")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    default_max_tokens: int
+    max_queued_requests: int
+    max_inflight_prefills: int
+    request_timeout_s: float
+    route_wait_s: float
+    migrate: bool
+
+    def __post_init__(self) -> None:
+        for name in ("default_max_tokens", "max_inflight_prefills"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_queued_requests < 0 or self.request_timeout_s < 0 or self.route_wait_s < 0:
+            raise ValueError("max_queued_requests, request_timeout_s and route_wait_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    placement: PlacementConfig
+    engine: EngineConfig
+    network: NetworkConfig
+    transfer: TransferConfig
+    monitor: MonitorConfig
+    gateway: GatewayConfig
+    log_level: str = "info"
+
+    def value(self, name: str) -> Any:
+        """The value of option `name`, read from the section that holds it."""
+        section = _SECTION_OF.get(name)
+        return getattr(self if section is None else getattr(self, section), name)
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "placement": PlacementConfig,
+    "engine": EngineConfig,
+    "network": NetworkConfig,
+    "transfer": TransferConfig,
+    "monitor": MonitorConfig,
+    "gateway": GatewayConfig,
+}
+# option name -> the Config field (section) that holds it; top-level fields map to None
+_SECTION_OF = {f.name: section for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
