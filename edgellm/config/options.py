@@ -115,6 +115,29 @@ OPTIONS: tuple[Option, ...] = (
            "healthy (start-up, a failover gap) before UNAVAILABLE; its own deadline may end the wait sooner"),
     Option("migrate", _bool, True, "move a request whose service fails (stream error or the monitor's verdict) to "
            "another one, after the tokens already sent; false ends it with UNAVAILABLE (tests' negative twins)"),
+    # security (issue 13): closed doors between services and at the public entry
+    Option("cluster_token_file", str, "", "file holding the cluster credential every internal RPC must carry "
+           "(`edgellm up` makes one); empty = internal RPCs are open, which a service allows only on loopback"),
+    Option("api_keys_file", str, "", "gateway: file with one API key per line; when set, Generate needs metadata "
+           "`authorization: Bearer <key>`. Set it whenever the gateway listens beyond loopback"),
+    Option("tls_cert", str, "", "PEM certificate this service presents (TLS between devices); empty = plaintext"),
+    Option("tls_key", str, "", "PEM private key of --tls-cert"),
+    Option("tls_ca", str, "", "PEM CA that signs the other services' certificates: servers then require client "
+           "certificates signed by it (mTLS) and clients verify servers against it"),
+    # limits (issue 13): every queue, string and stream is bounded; a request over a bound gets a clear status
+    Option("max_request_id_bytes", int, 128, "longest client request_id (a label: echoed and logged)"),
+    Option("max_prompt_bytes", int, 256 << 10, "largest prompt (or sum of chat message contents), checked before "
+           "tokenizing"),
+    Option("max_messages", int, 256, "most chat messages in one request"),
+    Option("max_stop_strings", int, 16, "most stop strings in one request"),
+    Option("max_stop_bytes", int, 256, "longest stop string"),
+    Option("max_concurrent_rpcs", int, 1024, "RPCs one server runs at once; more get RESOURCE_EXHAUSTED"),
+    Option("max_decode_streams", int, 1024, "gateway: requests streaming from decode pools at once"),
+    Option("max_waiting_sequences", int, 1024, "engine: sequences queued and not yet running; more get "
+           "RESOURCE_EXHAUSTED (the gateway then tries elsewhere)"),
+    Option("max_staged_kv_mb", float, 512.0, "decode: KV received but not yet claimed by its Decode call"),
+    Option("max_kv_streams", int, 64, "decode: PushKV streams at once"),
+    Option("max_route_watchers", int, 64, "monitor: WatchRoutes streams at once"),
     # process
     Option("log_level", str, "info", "log level", LOG_LEVELS),
 )

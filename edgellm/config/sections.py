@@ -197,6 +197,45 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Credentials and TLS. Files are read at start-up by edgellm/rpc/security.py, never stored here."""
+
+    cluster_token_file: str
+    api_keys_file: str
+    tls_cert: str
+    tls_key: str
+    tls_ca: str
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("tls_ca needs tls_cert and tls_key (mutual TLS: every service presents one)")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Every bound on what a caller can make a service hold or do."""
+
+    max_request_id_bytes: int
+    max_prompt_bytes: int
+    max_messages: int
+    max_stop_strings: int
+    max_stop_bytes: int
+    max_concurrent_rpcs: int
+    max_decode_streams: int
+    max_waiting_sequences: int
+    max_staged_kv_mb: float
+    max_kv_streams: int
+    max_route_watchers: int
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"{f.name} must be >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig
     placement: PlacementConfig
@@ -205,6 +244,8 @@ class Config:
     transfer: TransferConfig
     monitor: MonitorConfig
     gateway: GatewayConfig
+    security: SecurityConfig
+    limits: LimitsConfig
     log_level: str = "info"
 
     def value(self, name: str) -> Any:
@@ -221,6 +262,8 @@ _SECTIONS = {
     "transfer": TransferConfig,
     "monitor": MonitorConfig,
     "gateway": GatewayConfig,
+    "security": SecurityConfig,
+    "limits": LimitsConfig,
 }
 # option name -> the Config field (section) that holds it; top-level fields map to None
 _SECTION_OF = {f.name: section for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
