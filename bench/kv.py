@@ -30,7 +30,6 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 
 from bench import shaped_link
 from bench.shaped_link import ShapedLink
@@ -45,7 +44,7 @@ MODES = {"layerwise": (), "after-prefill": ("--kv-send-after-prefill", "true")}
 
 def prefill_once(stack: Any, num_tokens: int, request_id: str) -> dict[str, float]:
     prompt = [1000 + (i * 7) % 20000 for i in range(num_tokens)]
-    with grpc.insecure_channel(stack.address("prefill")) as channel:
+    with stack.channel("prefill") as channel:
         reply = prefill_pb2_grpc.PrefillStub(channel).Prefill(
             prefill_pb2.PrefillRequest(
                 spec=common_pb2.RequestSpec(request_id=request_id, prompt_token_ids=prompt, max_new_tokens=2),

@@ -80,7 +80,7 @@ from edgellm.engine.model import LayerKVHook, LlamaModel
 from edgellm.engine.sampling import SamplingParams
 from edgellm.engine.sequence import Kind
 from edgellm.model_store import resolve_model_dir
-from edgellm.launch import Stack, route_table
+from edgellm.launch import Stack
 from edgellm.perplexity import decode_model, mean_nll
 from edgellm.quant.prepare import Int4Settings, checkpoint_path, prepare_int4
 from edgellm.v1 import common_pb2, monitor_pb2
@@ -420,7 +420,7 @@ def decode_state(stack: Stack, timeout_s: float = 15.0) -> monitor_pb2.ServiceSt
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            table = route_table(stack.address("monitor"))
+            table = stack.route_table()
         except grpc.RpcError:
             table = None
         for state in table.services if table else ():

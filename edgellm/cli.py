@@ -46,6 +46,9 @@ def _up(argv: list[str]) -> int:
             cpus = os.sched_getaffinity(stack.procs[name].pid)  # what the kernel enforces, not what we asked
             where = f"  (CPUs {cpu_list(tuple(sorted(cpus)))})" if cpus != everywhere else ""
             print(f"  {name:<8} {config.network.host}:{service_port(name, config)}{where}", flush=True)
+        # The token is made per run unless given; `edgellm status` needs it to read the monitor.
+        print(f"Cluster token: {stack.config.security.cluster_token_file}   (edgellm status --cluster-token-file "
+              "PATH, or EDGELLM_CLUSTER_TOKEN_FILE)", flush=True)
         print("Try: edgellm generate 'What is the capital of France?'   (Ctrl-C stops all)", flush=True)
         while not stop.is_set():
             for name, proc in stack.procs.items():
@@ -82,6 +85,8 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--stop", action="append", default=[])
     parser.add_argument("--raw", action="store_true", help="send as a raw prompt, not as a chat message")
     parser.add_argument("--gateway", default=os.environ.get("EDGELLM_GATEWAY", "127.0.0.1:50051"))
+    parser.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY") or None,
+                        help="sent as `authorization: Bearer KEY` (a gateway with --api-keys-file) [EDGELLM_API_KEY]")
     parser.add_argument("--stats", action="store_true", help="print usage and timings to stderr")
     parser.add_argument("--timeout-s", type=float, default=300.0,
                         help="deadline of the whole generation; a gateway still starting is waited for within it")
@@ -89,7 +94,7 @@ def _generate(argv: list[str]) -> int:
     from edgellm.client import Client, GenerationError
 
     prompt_args = {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
-    with Client(args.gateway, timeout_s=args.timeout_s, wait_for_ready=True) as client:
+    with Client(args.gateway, timeout_s=args.timeout_s, wait_for_ready=True, api_key=args.api_key) as client:
         try:
             for delta in client.generate(
                 **prompt_args,
@@ -120,6 +125,9 @@ def _generate(argv: list[str]) -> int:
 def _status(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="edgellm status")
     parser.add_argument("--monitor", default=os.environ.get("EDGELLM_MONITOR_ADDR") or "127.0.0.1:50054")
+    parser.add_argument("--cluster-token-file", default=None,
+                        help="the cluster credential the monitor asks for (printed by `edgellm up`) "
+                             "[EDGELLM_CLUSTER_TOKEN_FILE]; TLS from EDGELLM_TLS_CERT/KEY/CA")
     args = parser.parse_args(argv)
     import grpc
 
@@ -127,9 +135,14 @@ def _status(argv: list[str]) -> int:
     from edgellm.v1 import common_pb2, monitor_pb2
 
     try:
-        table = route_table(args.monitor)
+        security = _client_security(args.cluster_token_file)
+        table = route_table(args.monitor, security=security)
     except grpc.RpcError as e:
-        print(f"edgellm status: monitor at {args.monitor} unreachable: {e.code().name}", file=sys.stderr)
+        print(f"edgellm status: monitor at {args.monitor} unreachable: {e.code().name} {e.details() or ''}",
+              file=sys.stderr)
+        return 1
+    except ValueError as e:  # a credential or TLS file that cannot be used
+        print(f"edgellm status: {e}", file=sys.stderr)
         return 1
     mode = monitor_pb2.RouteMode.Name(table.mode).removeprefix("ROUTE_MODE_").lower()
     print(f"mode: {mode}   (route table version {table.version})")
@@ -154,7 +167,21 @@ def _health(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: edgellm health HOST:PORT", file=sys.stderr)
         return 2
-    return 0 if is_serving(argv[0], timeout_s=2.0) else 1
+    # Health needs no credential, but a service listening with TLS needs a TLS client (EDGELLM_TLS_*).
+    return 0 if is_serving(argv[0], timeout_s=2.0, security=_client_security(None, with_token=False)) else 1
+
+
+def _client_security(token_file: str | None, with_token: bool = True):
+    """The cluster credential and TLS material of a command run beside the services: from
+    `token_file`, else the EDGELLM_* variables the services read."""
+    import dataclasses
+
+    from edgellm.rpc.security import ClusterSecurity
+
+    security = cfg.parse([], prog="edgellm").security
+    if token_file is not None or not with_token:
+        security = dataclasses.replace(security, cluster_token_file=token_file or "")
+    return ClusterSecurity.from_config(security)
 
 
 def _prepare_model(argv: list[str]) -> int:

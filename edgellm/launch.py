@@ -3,15 +3,22 @@
 Used by `edgellm up`, the integration tests and the benchmarks, so all three run the
 stack exactly the same way: `python -m edgellm serve <name> <flags>` per service, with
 the resolved config passed on as flags (docker-compose runs the same `edgellm serve`).
+
+A stack without --cluster-token-file makes a random cluster token in a 0600 file of its own
+private directory (removed by `stop`) and hands that file to every service; `channel(name)` and
+the helpers below carry it (and the TLS material), so tests and benchmarks pass the same doors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgellm.config import Config, to_argv
+from edgellm.rpc.security import OPEN, ClusterSecurity, write_cluster_token
 from edgellm.v1 import monitor_pb2, monitor_pb2_grpc
 
 # Start order: engines first (slowest to load), the monitor, then the public entry.
@@ -56,8 +64,8 @@ def service_command(name: str, config: Config) -> list[str]:
     return [sys.executable, "-m", "edgellm", "serve", name, *to_argv(config)]
 
 
-def is_serving(address: str, timeout_s: float = 1.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def is_serving(address: str, timeout_s: float = 1.0, security: ClusterSecurity = OPEN) -> bool:
+    with security.sync_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.RpcError:
@@ -65,8 +73,9 @@ def is_serving(address: str, timeout_s: float = 1.0) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def route_table(monitor_address: str, timeout_s: float = 1.0) -> monitor_pb2.RouteTable:
-    with grpc.insecure_channel(monitor_address) as channel:
+def route_table(monitor_address: str, timeout_s: float = 1.0,
+                security: ClusterSecurity = OPEN) -> monitor_pb2.RouteTable:
+    with security.sync_channel(monitor_address) as channel:
         return monitor_pb2_grpc.MonitorStub(channel).GetStatus(monitor_pb2.GetStatusRequest(), timeout=timeout_s)
 
 
@@ -84,6 +93,29 @@ class Stack:
     process_prefix: dict[str, list[str]] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _logs: list[IO] = field(default_factory=list)
+    _token_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.config.security.cluster_token_file:  # a cluster credential of its own, for this stack only
+            self._token_dir = tempfile.mkdtemp(prefix="edgellm-cluster-")  # 0700
+            path = os.path.join(self._token_dir, "cluster-token")
+            write_cluster_token(path)
+            self.config = dataclasses.replace(
+                self.config, security=dataclasses.replace(self.config.security, cluster_token_file=path))
+        self.security = ClusterSecurity.from_config(self.config.security)
+
+    def channel(self, name: str, options: list | None = None) -> grpc.Channel:
+        """A blocking channel to a service that carries the cluster credential (and TLS): for raw
+        stubs in tests and benchmarks; the gateway's public port is plaintext, without it. Close it
+        (or use it in a `with`)."""
+        return self._security_of(name).sync_channel(self.address(name), options=options)
+
+    def route_table(self, timeout_s: float = 1.0) -> monitor_pb2.RouteTable:
+        """The monitor's current table (Monitor/GetStatus with the stack's credential)."""
+        return route_table(self.address("monitor"), timeout_s, security=self.security)
+
+    def _security_of(self, name: str) -> ClusterSecurity:
+        return OPEN if name == "gateway" else self.security
 
     @property
     def decode_replicas(self) -> dict[str, int]:
@@ -148,7 +180,7 @@ class Stack:
     def wait_serving(self, names: tuple[str, ...] = SERVICES, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
         for name in names:
-            while not is_serving(self.address(name)):
+            while not is_serving(self.address(name), security=self._security_of(name)):
                 proc = self.procs.get(name)
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with code {proc.returncode}{self._log_hint(name)}")
@@ -161,7 +193,7 @@ class Stack:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                table = route_table(self.address("monitor"))
+                table = route_table(self.address("monitor"), security=self.security)
                 if table.mode == mode:
                     return table
             except grpc.RpcError:
@@ -176,7 +208,7 @@ class Stack:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                table = route_table(self.address("monitor"))
+                table = route_table(self.address("monitor"), security=self.security)
                 if table.services and all(s.healthy for s in table.services) and self._gateway_follows(table):
                     return
             except grpc.RpcError:
@@ -222,6 +254,8 @@ class Stack:
                 proc.wait()
         for f in self._logs:
             f.close()
+        if self._token_dir is not None:
+            shutil.rmtree(self._token_dir, ignore_errors=True)
 
     def _log_hint(self, name: str) -> str:
         if self.log_dir is None:

@@ -43,6 +43,8 @@ KV_TRANSFER = Histogram(
     "edgellm_kv_transfer_seconds", "Prefill forward start to decode's ack of the complete KV", buckets=_LATENCY_BUCKETS
 )
 KV_REJECTED = Counter("edgellm_kv_rejected_total", "KV streams rejected as incomplete or damaged")
+# every service: a bound on what callers can make it hold or do was reached (label: the option's name)
+LIMIT_HITS = Counter("edgellm_limit_hits_total", "Requests refused (or cut) at a configured limit", ["limit"])
 
 
 def gauge(name: str, documentation: str, read: Callable[[], float], labels: dict[str, str] | None = None) -> None:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 
 from edgellm.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+API_KEY_ENV = "EDGELLM_API_KEY"
+
+
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """`authorization: Bearer <key>` for a gateway with --api-keys-file; the key defaults to $EDGELLM_API_KEY."""
+    key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+    return (("authorization", f"Bearer {key}"),) if key else ()
 
 
 class GenerationError(RuntimeError):
@@ -99,19 +109,22 @@ def _collect(deltas: list[Delta]) -> Completion:
 class AsyncClient:
     """timeout_s: each call's deadline. wait_for_ready: a call made while the gateway is not
     reachable yet (still starting) waits for it, within that deadline, instead of failing at once
-    with UNAVAILABLE; leave it off without a deadline, or such a call may wait forever."""
+    with UNAVAILABLE; leave it off without a deadline, or such a call may wait forever.
+    api_key: sent as `authorization: Bearer <key>` (a gateway with --api-keys-file); None = the
+    EDGELLM_API_KEY variable, if set."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout_s: float | None = None,
-                 wait_for_ready: bool = False) -> None:
+                 wait_for_ready: bool = False, api_key: str | None = None) -> None:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout_s = timeout_s
         self._wait_for_ready = wait_for_ready
+        self._metadata = _auth_metadata(api_key)
 
     async def generate(self, prompt: str | None = None, **kwargs) -> AsyncIterator[Delta]:
         """Yield text deltas as they are generated; the last one carries finish_reason and usage."""
         call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self._timeout_s,
-                                   wait_for_ready=self._wait_for_ready)
+                                   wait_for_ready=self._wait_for_ready, metadata=self._metadata)
         try:
             async for response in call:
                 yield _delta(response)
@@ -135,16 +148,17 @@ class Client:
     """The blocking twin of AsyncClient (same arguments)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout_s: float | None = None,
-                 wait_for_ready: bool = False) -> None:
+                 wait_for_ready: bool = False, api_key: str | None = None) -> None:
         self._channel = grpc.insecure_channel(target)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout_s = timeout_s
         self._wait_for_ready = wait_for_ready
+        self._metadata = _auth_metadata(api_key)
 
     def generate(self, prompt: str | None = None, **kwargs) -> Iterator[Delta]:
         """Yield text deltas as they are generated; the last one carries finish_reason and usage."""
         call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self._timeout_s,
-                                   wait_for_ready=self._wait_for_ready)
+                                   wait_for_ready=self._wait_for_ready, metadata=self._metadata)
         try:
             for response in call:
                 yield _delta(response)

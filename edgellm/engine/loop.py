@@ -10,7 +10,9 @@ keyed by the sequence's seq_id. Each step is then schedule -> run -> postprocess
   postprocess  sampled tokens go onto their sequences, finished ones leave (postprocess.py);
                the loop hands each token to its callback
 Sequences join the running batch between steps and leave the moment they finish
-(EOS, max_new_tokens, end of context, cancel, a failed step); then the loop drops their
+(EOS, max_new_tokens, end of context, cancel, a failed step, or a failure of their own:
+a sequence whose sampling raises ends alone with an error, the rest of its batch goes on;
+only a failed batched forward pass fails every sequence of the step); then the loop drops their
 callback and the runner their tensors. The model never runs on the event loop;
 tokens come back through loop.call_soon_threadsafe into per-request asyncio queues.
 All heavy torch compute of a process happens on this one thread, with num_threads
@@ -43,7 +45,8 @@ from edgellm.engine.weights import DTYPE_NAMES
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["FINISH_LENGTH", "FINISH_STOP", "EngineError", "EngineLimits", "EngineLoop", "PrefillResult"]
+__all__ = ["FINISH_LENGTH", "FINISH_STOP", "EngineBusy", "EngineError", "EngineLimits", "EngineLoop", "NeverFits",
+           "PrefillResult", "SequenceFailed"]
 
 # (token, finish_reason) for each sampled token; (None, "error") if the engine failed.
 Emit = Callable[[int | None, str | None], None]
@@ -77,7 +80,21 @@ class _Submission:
 
 
 class EngineError(RuntimeError):
-    pass
+    """The engine could not run a request. Raised as is when a whole step failed (a batched
+    forward pass): the request may succeed on another engine."""
+
+
+class NeverFits(EngineError):
+    """The request is larger than this engine's whole KV cache: it never fits, here or on an
+    engine of the same size; do not retry it."""
+
+
+class EngineBusy(EngineError):
+    """The engine's queue is full now (max_waiting_sequences): another engine may take it."""
+
+
+class SequenceFailed(EngineError):
+    """This request alone failed inside a step (its sampling); the rest of its batch went on."""
 
 
 class EngineLoop:
@@ -178,7 +195,8 @@ class EngineLoop:
         prefix_kv: KV | None = None,
     ) -> None:
         """Queue seq for the engine thread. emit(token, finish_reason) then runs on the engine
-        thread for each sampled token, emit(None, "error") if a step fails; set seq.cancelled
+        thread for each sampled token, emit(None, "error") if a step fails or this sequence
+        alone fails (then seq.error says why); set seq.cancelled
         to stop it. staged_kv (FROM_KV, required there): the prompt's K/V from a prefill
         service, [L, Hkv, P, D] each. prefix_kv (LOCAL): K/V of the first C tokens kept from an
         earlier prefill here, ignored if it covers every token to prefill. on_layer_kv: where
@@ -195,13 +213,19 @@ class EngineLoop:
             self._wake.notify()
 
     def check_fits(self, num_tokens: int) -> None:
-        """Raise EngineError if a sequence of num_tokens could never fit in the KV cache."""
+        """Raise NeverFits if a sequence of num_tokens could never fit in the KV cache."""
         needed = self.blocks.num_blocks_for(num_tokens)
         if needed > self.blocks.num_blocks:
-            raise EngineError(
+            raise NeverFits(
                 f"request needs {needed} KV blocks ({num_tokens} tokens); "
                 f"this engine's cache has {self.blocks.num_blocks}"
             )
+
+    def check_room(self, max_waiting: int) -> None:
+        """Raise EngineBusy if max_waiting sequences already wait (the caller's bound on the queue)."""
+        if self.num_waiting >= max_waiting:
+            raise EngineBusy(f"engine queue is full: {self.num_waiting} sequences waiting "
+                             f"(max_waiting_sequences={max_waiting})")
 
     # ---- asyncio-facing API ----------------------------------------------------------------
     async def prefill(
@@ -257,7 +281,9 @@ class EngineLoop:
             while True:
                 token, finish = await queue.get()
                 if token is None:
-                    raise EngineError(f"engine failed while running {seq.request_id}")
+                    if seq.error is not None:
+                        raise SequenceFailed(f"{seq.request_id}: {seq.error}")
+                    raise EngineError(f"an engine step failed while running {seq.request_id}")
                 yield token, finish
                 if finish is not None:
                     return

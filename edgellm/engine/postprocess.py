@@ -11,12 +11,12 @@ delivers them and drops what it and the runner keep for sequences that finished.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgellm.engine.scheduler import Scheduler, SchedulerOutput
 from edgellm.engine.sequence import Kind, Sequence, Status
 
-FINISH_STOP, FINISH_LENGTH = "stop", "length"
+FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,15 @@ class RunnerOutput:
     sampled_token_ids: list[int | None]
     forward_start_unix_ns: int = 0
     forward_end_unix_ns: int = 0
+    # seq_id -> why its sampling failed: that sequence ends with an error, the others go on
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class TokenOutput:
     seq: Sequence
-    token_id: int
-    finish_reason: str | None  # set on the sequence's last token
+    token_id: int | None  # None: the sequence failed (seq.error says why)
+    finish_reason: str | None  # set on the sequence's last token; FINISH_ERROR when it failed
 
 
 def finish_reason(seq: Sequence, token_id: int, eos_token_ids: frozenset[int], max_context: int) -> str | None:
@@ -63,8 +65,16 @@ def postprocess(
         if finish is not None and seq.kind is not Kind.PREFILL_ONLY:
             scheduler.finish(seq)
 
+    def fail(seq: Sequence) -> None:
+        seq.error = result.failed[seq.seq_id]
+        outputs.append(TokenOutput(seq, None, FINISH_ERROR))
+        scheduler.finish(seq)
+
     if out.prefills:
         for seq, token_id in zip(out.prefills, result.sampled_token_ids, strict=True):
+            if seq.seq_id in result.failed:
+                fail(seq)
+                continue
             seq.forward_start_unix_ns = result.forward_start_unix_ns
             seq.forward_end_unix_ns = result.forward_end_unix_ns
             seq.num_prefix_tokens = 0  # used up: a later recompute runs every token
@@ -78,6 +88,9 @@ def postprocess(
     elif out.decodes:
         for seq, token_id in zip(out.decodes, result.sampled_token_ids, strict=True):
             seq.num_cached_tokens += 1
+            if seq.seq_id in result.failed:
+                fail(seq)
+                continue
             assert token_id is not None, "a decode step samples every sequence"
             append(seq, token_id)
     return outputs

@@ -121,9 +121,10 @@ class ModelRunner:
         start_ns = time.time_ns()
         logits = self.model(batch, self.cache, on_layer_kv=on_layer_kv if hooks else None)  # [B, V]
         end_ns = time.time_ns()
-        sampled = [sample(row, seq.sampling, index=seq.num_generated) if seq.samples_after_prefill else None
+        failed: dict[int, str] = {}
+        sampled = [_sample_one(row, seq, failed) if seq.samples_after_prefill else None
                    for seq, row in zip(seqs, logits)]
-        return RunnerOutput(sampled, start_ns, end_ns)
+        return RunnerOutput(sampled, start_ns, end_ns, failed)
 
     def decode(self, seqs: list[Sequence]) -> RunnerOutput:
         """Advance every sequence by one token (blocks for the new token already allocated)."""
@@ -144,8 +145,20 @@ class ModelRunner:
         logits = self.model(batch, self.cache)  # [B, V]
         end_ns = time.time_ns()
         greedy = logits.argmax(dim=-1).tolist()  # one batched argmax serves every greedy sequence
+        failed: dict[int, str] = {}
         sampled: list[int | None] = [
-            greedy[i] if seq.sampling.is_greedy else sample(row, seq.sampling, index=seq.num_generated)
+            greedy[i] if seq.sampling.is_greedy else _sample_one(row, seq, failed)
             for i, (seq, row) in enumerate(zip(seqs, logits))
         ]
-        return RunnerOutput(sampled, start_ns, end_ns)
+        return RunnerOutput(sampled, start_ns, end_ns, failed)
+
+
+def _sample_one(logits: torch.Tensor, seq: Sequence, failed: dict[int, str]) -> int | None:
+    """Sample seq's next token from its logits [V]. Sampling is per sequence, so a failure here
+    (non-finite logits, say) is that sequence's alone: it goes into failed[seq_id] and the
+    rest of the batch carries on."""
+    try:
+        return sample(logits, seq.sampling, index=seq.num_generated)
+    except Exception as e:  # noqa: BLE001 - any error of this one draw ends this one sequence
+        failed[seq.seq_id] = f"sampling failed: {type(e).__name__}: {e}"
+        return None

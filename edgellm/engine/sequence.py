@@ -55,6 +55,7 @@ class Sequence:
     num_cached_tokens: int = 0  # tokens whose K/V is in the paged cache
     status: Status = Status.WAITING
     cancelled: bool = False
+    error: str | None = None  # why this sequence alone failed (its sampling), set before it finishes
     arrival: int = 0  # admission order; the newest running sequence is preempted first
     forward_start_unix_ns: int = 0
     forward_end_unix_ns: int = 0

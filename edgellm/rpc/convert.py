@@ -6,7 +6,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from edgellm.engine.loop import EngineError
+from edgellm import metrics
+from edgellm.engine.loop import EngineBusy, EngineError, EngineLoop, NeverFits, SequenceFailed
 from edgellm.engine.sampling_params import SamplingParams
 from edgellm.v1 import common_pb2
 
@@ -20,10 +21,49 @@ WIRE_TO_FINISH = {v: k for k, v in FINISH_TO_WIRE.items()}
 # Trailing metadata of a failed Prefill call naming the service at fault (its decode service):
 # the gateway then avoids that one, not the prefill service.
 FAILED_SERVICE_KEY = "edgellm-failed-service"
+MAX_UPSTREAM_ID_BYTES = 256  # internal request ids are made by the gateway (uuid hex + attempt)
+# How an engine's refusal or failure ends an internal call (never UNKNOWN):
+#   NeverFits       OUT_OF_RANGE: larger than the whole KV cache; the gateway passes it on at once
+#   EngineBusy      RESOURCE_EXHAUSTED: the queue is full now; the gateway may try another engine
+#   SequenceFailed  ABORTED: this request alone failed (its sampling); not retried
+#   EngineError     UNAVAILABLE: a whole engine step failed; the gateway may try another engine
+ENGINE_ERROR_STATUS = (
+    (NeverFits, grpc.StatusCode.OUT_OF_RANGE),
+    (EngineBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SequenceFailed, grpc.StatusCode.ABORTED),
+    (EngineError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def engine_error_status(e: EngineError) -> grpc.StatusCode:
+    return next(code for cls, code in ENGINE_ERROR_STATUS if isinstance(e, cls))
 
 
 def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
+    """Raises ValueError for values the engine cannot sample with (SamplingParams' rules)."""
     return SamplingParams(temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k, seed=p.seed)
+
+
+async def check_spec(
+    context: grpc.aio.ServicerContext, spec: common_pb2.RequestSpec, engine: EngineLoop, max_waiting: int
+) -> SamplingParams:
+    """Every internal door's checks on a RequestSpec, before any work: a bounded id, a prompt of
+    in-vocabulary ids inside the context, a consistent num_generated, sampling values the engine
+    accepts, room in the engine's queue. Aborts with a clear status; returns the sampling params."""
+    if not spec.request_id or len(spec.request_id.encode()) > MAX_UPSTREAM_ID_BYTES:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id must be 1..{MAX_UPSTREAM_ID_BYTES} bytes")
+    await check_prompt(context, spec.prompt_token_ids, engine.info.vocab_size, engine.info.max_context)
+    await check_num_generated(context, spec)
+    try:
+        sampling = sampling_from_proto(spec.sampling)
+    except ValueError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}")
+    try:
+        engine.check_room(max_waiting)
+    except EngineBusy as e:
+        metrics.LIMIT_HITS.labels("max_waiting_sequences").inc()
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    return sampling
 
 
 def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
@@ -55,10 +95,10 @@ async def check_num_generated(context: grpc.aio.ServicerContext, spec: common_pb
 async def token_deltas(
     request_id: str, tokens: AsyncIterator[tuple[int, str | None]], context: grpc.aio.ServicerContext
 ) -> AsyncIterator[common_pb2.TokenDelta]:
-    """An engine's (token, finish_reason) stream as TokenDelta messages; a request the engine
-    cannot hold (larger than its whole KV cache) ends with RESOURCE_EXHAUSTED."""
+    """An engine's (token, finish_reason) stream as TokenDelta messages; an engine error ends it
+    with the status ENGINE_ERROR_STATUS gives."""
     try:
         async for token, finish in tokens:
             yield common_pb2.TokenDelta(request_id=request_id, token_ids=[token], finish_reason=FINISH_TO_WIRE.get(finish, 0))
     except EngineError as e:
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        await context.abort(engine_error_status(e), str(e))

@@ -15,7 +15,7 @@ import torch
 
 from edgellm.engine.loop import EngineLoop
 from edgellm.logs import bind_request
-from edgellm.rpc.convert import check_num_generated, check_prompt, sampling_from_proto, token_deltas
+from edgellm.rpc.convert import check_spec, token_deltas
 from edgellm.v1 import common_pb2
 
 log = structlog.get_logger(__name__)
@@ -25,19 +25,20 @@ async def generate_local(
     engine: EngineLoop,
     request: common_pb2.GenerateLocalRequest,
     context: grpc.aio.ServicerContext,
+    max_waiting: int,
     prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> AsyncIterator[common_pb2.TokenDelta]:
-    """prefix_kv: the K/V of the request's first tokens, kept here from its prefill (hot backup)."""
+    """prefix_kv: the K/V of the request's first tokens, kept here from its prefill (hot backup).
+    max_waiting: the engine's queue bound (--max-waiting-sequences)."""
     spec = request.spec
     bind_request(spec.request_id)
-    await check_prompt(context, spec.prompt_token_ids, engine.info.vocab_size, engine.info.max_context)
-    await check_num_generated(context, spec)
+    sampling = await check_spec(context, spec, engine, max_waiting)
     log.info("local_generate", num_prompt_tokens=len(spec.prompt_token_ids), num_generated=spec.num_generated,
              kept_kv_tokens=0 if prefix_kv is None else prefix_kv[0].shape[2])
     tokens = engine.generate(
         spec.request_id,
         list(spec.prompt_token_ids),
-        sampling_from_proto(spec.sampling),
+        sampling,
         spec.max_new_tokens,
         spec.num_generated,
         prefix_kv=prefix_kv,

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import AsyncIterator, Awaitable, Callable, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from edgellm.rpc.security import OPEN, ClusterSecurity
 
 log = structlog.get_logger(__name__)
 
@@ -39,25 +41,35 @@ async def serve(
     ready: Callable[[], Awaitable[None]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     readiness: Callable[[], AsyncIterator[bool]] | None = None,
+    security: ClusterSecurity = OPEN,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
+    max_concurrent_rpcs: int | None = None,
 ) -> None:
     """Run a server until SIGTERM/SIGINT. `register` adds servicers and returns their full service
     names; `ready` runs once the server listens; `readiness` (optional), started after `ready`,
     yields whether the server can take requests now, each time that changes (True: SERVING);
-    `on_stop` runs after health went NOT_SERVING, before the graceful stop."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    `on_stop` runs after health went NOT_SERVING, before the graceful stop.
+    `security` gives the listening port its TLS; `interceptors` guard the service's own RPCs (by
+    default the cluster credential of `security`: internal services; the gateway passes its API-key
+    check). `max_concurrent_rpcs`: more calls at once get RESOURCE_EXHAUSTED."""
+    if interceptors is None:
+        interceptors = security.server_interceptors()
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors,
+                             maximum_concurrent_rpcs=max_concurrent_rpcs)
     service_names = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(address)
+    port = security.add_port(server, address)
     if port == 0:
         raise RuntimeError(f"{name}: cannot listen on {address}")
     for svc in ("", *service_names):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    log.info("listening", service=name, address=address)
+    log.info("listening", service=name, address=address, tls=bool(security.cert),
+             authenticated=bool(interceptors))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

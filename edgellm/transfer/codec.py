@@ -17,6 +17,7 @@ chunk carries 64 + 4 bytes per 64 values of a token, plus 128 bytes per layer an
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from typing import Iterator
 
@@ -160,3 +161,9 @@ def wire_bytes(chunk: decode_pb2.KVChunk) -> int:
     """Tensor bytes a chunk carries (values and scales)."""
     scales = (chunk.k_scales, chunk.v_scales, chunk.k_channel_scales, chunk.v_channel_scales)
     return len(chunk.k) + len(chunk.v) + sum(map(len, scales))
+
+
+def prompt_digest(token_ids) -> bytes:
+    """SHA-256 of a prompt's token ids (int32 little-endian): the closing KVChunk carries it, and
+    decode compares it with the prompt of the Decode request that claims the KV."""
+    return hashlib.sha256(np.asarray(list(token_ids), dtype="<i4").tobytes()).digest()

@@ -48,8 +48,11 @@ class KVStreamSender:
         after_prefill: bool = False,
         max_inflight_bytes: int = 32 << 20,
         window_timeout_s: float = 30.0,
+        prompt_digest: bytes = b"",
     ) -> None:
+        """prompt_digest: codec.prompt_digest of the prompt, sent on the closing message."""
         self.request_id = request_id
+        self._prompt_digest = prompt_digest
         self.num_prompt_tokens = num_prompt_tokens
         self._num_layers = num_layers
         self._layers_per_chunk = layers_per_chunk
@@ -146,6 +149,7 @@ class KVStreamSender:
                     num_chunks=self.num_chunks,
                     num_prompt_tokens=self.num_prompt_tokens,
                     first_token_id=item[1],
+                    prompt_digest=self._prompt_digest,
                 )
                 return
             start, group, reserved = item

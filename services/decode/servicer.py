@@ -24,18 +24,28 @@ from edgellm.config import TransferConfig
 from edgellm.engine.loop import EngineLoop
 from edgellm.logs import bind_request
 from edgellm.rpc.load import engine_load
-from edgellm.rpc.convert import sampling_from_proto, token_deltas
+from edgellm.rpc.convert import check_spec, token_deltas
+from edgellm.transfer import codec
 from edgellm.rpc.local import generate_local
 from edgellm.transfer.codec import ChunkError
-from edgellm.transfer.receiver import KVStore
+from edgellm.transfer.receiver import InvalidKV, KVExists, KVStore, KVStoreFull
 from edgellm.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
+PUSH_KV_STATUS = (
+    (ChunkError, grpc.StatusCode.DATA_LOSS),
+    (InvalidKV, grpc.StatusCode.INVALID_ARGUMENT),
+    (KVExists, grpc.StatusCode.ALREADY_EXISTS),
+    (KVStoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, engine: EngineLoop, store: KVStore, transfer: TransferConfig) -> None:
+    def __init__(self, engine: EngineLoop, store: KVStore, transfer: TransferConfig, max_waiting: int = 1024) -> None:
+        """max_waiting: the engine's queue bound (--max-waiting-sequences)."""
         self.engine = engine
+        self.max_waiting = max_waiting
         self.store = store
         self.transfer = transfer
 
@@ -44,10 +54,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     ) -> decode_pb2.KVAck:
         try:
             received = await self.store.receive(request_iterator)
-        except ChunkError as e:
+        except (ChunkError, InvalidKV, KVExists, KVStoreFull) as e:
+            # damaged in transit: DATA_LOSS (sent once more); declared sizes or ids this service
+            # will not hold: INVALID_ARGUMENT; an id already here: ALREADY_EXISTS; full: RESOURCE_EXHAUSTED
+            code = next(c for cls, c in PUSH_KV_STATUS if isinstance(e, cls))
             metrics.KV_REJECTED.inc()
-            log.warning("kv_rejected", reason=str(e))
-            await context.abort(grpc.StatusCode.DATA_LOSS, f"KV stream rejected: {e}")
+            log.warning("kv_rejected", reason=str(e), code=code.name)
+            await context.abort(code, f"KV stream rejected: {e}")
         metrics.KV_BYTES_RECEIVED.inc(received.num_bytes)
         log.info("kv_received", request_id=received.request_id, num_chunks=received.num_chunks, num_bytes=received.num_bytes)
         return decode_pb2.KVAck(
@@ -63,6 +76,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     ) -> AsyncIterator[common_pb2.TokenDelta]:
         spec = request.spec
         bind_request(spec.request_id)
+        sampling = await check_spec(context, spec, self.engine, self.max_waiting)
         if spec.max_new_tokens < spec.num_generated + 2:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -80,12 +94,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt_token_ids has {len(spec.prompt_token_ids)} tokens, the KV {received.num_prompt_tokens}",
             )
-        if spec.num_generated >= len(spec.prompt_token_ids):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_generated must be < len(prompt_token_ids)")
+        if received.prompt_digest != codec.prompt_digest(spec.prompt_token_ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the KV held for {spec.request_id!r} was computed from another prompt")
         tokens = self.engine.generate(
             spec.request_id,
             [*spec.prompt_token_ids, received.first_token_id],
-            sampling_from_proto(spec.sampling),
+            sampling,
             spec.max_new_tokens,
             num_generated=spec.num_generated + 1,
             staged_kv=(received.k, received.v),
@@ -96,7 +111,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def GenerateLocal(
         self, request: common_pb2.GenerateLocalRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.TokenDelta]:
-        async for delta in generate_local(self.engine, request, context):
+        async for delta in generate_local(self.engine, request, context, self.max_waiting):
             yield delta
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:

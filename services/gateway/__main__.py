@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import structlog
 import uvloop
 
 from edgellm import config as cfg
 from edgellm import logs, metrics
 from edgellm.placement import pin_process
 from edgellm.rpc.channels import ChannelPool
+from edgellm.rpc.security import ClusterSecurity, SecurityError, api_key_interceptor, is_loopback, read_api_keys
 from edgellm.rpc.server import serve
 from edgellm.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.migration import Migrator
@@ -26,16 +28,25 @@ async def run(config: cfg.Config) -> None:
 
     from edgellm.model_store import resolve_model_dir
 
+    # The gateway serves no internal RPC: the cluster credential is only what it presents to the
+    # others; its own door is the API keys.
+    security = ClusterSecurity.for_service(config, "gateway")
+    api_keys = read_api_keys(config.security.api_keys_file)
+    if not api_keys and not is_loopback(config.network.host):
+        structlog.get_logger("gateway").warning(
+            "no_api_keys", host=config.network.host,
+            hint="anyone who reaches this port can generate: set --api-keys-file (EDGELLM_API_KEYS_FILE)")
     model_dir = resolve_model_dir(config.model.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     max_context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
     net = config.network
     router = Router()  # no route until the monitor's first table
-    channels = ChannelPool()
+    channels = ChannelPool(security)
     follow_task: asyncio.Task | None = None
 
     def register(server):
-        pools = Pools(config.gateway.max_queued_requests, config.gateway.max_inflight_prefills)
+        pools = Pools(config.gateway.max_queued_requests, config.gateway.max_inflight_prefills,
+                      config.limits.max_decode_streams)
         metrics.gauge("edgellm_prefill_pool_waiting", "Requests waiting in the gateway's prefill pool",
                       lambda: pools.num_prefill_waiting)
         metrics.gauge("edgellm_prefill_pool_inflight", "Requests at prefill services", lambda: pools.num_prefilling)
@@ -45,8 +56,9 @@ async def run(config: cfg.Config) -> None:
         metrics.gauge("edgellm_route_mode", "Routing mode in force here (1 normal, 2 degraded, 3 colocated, "
                       "4 no prefill)", lambda: router.mode)
         metrics.serve_metrics(net.gateway_metrics_port, net.host)
-        migrator = Migrator(router, pools, Upstream(channels), config.gateway)
-        pipeline = Pipeline(tokenizer, max_context, pools, migrator, config.gateway)
+        upstream = Upstream(channels, label_ids=config.transfer.kv_fault_injection)
+        migrator = Migrator(router, pools, upstream, config.gateway)
+        pipeline = Pipeline(tokenizer, max_context, pools, migrator, config.gateway, config.limits)
         gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pipeline), server)
         return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
@@ -61,7 +73,10 @@ async def run(config: cfg.Config) -> None:
     try:
         # Health follows the routes: SERVING only while the monitor's table has a healthy service.
         await serve("gateway", f"{net.host}:{net.gateway_port}", register, ready=ready, on_stop=on_stop,
-                    readiness=router.readiness)
+                    # the public port: plaintext, API keys (TLS here is internal, between devices)
+                    readiness=router.readiness,
+                    interceptors=[api_key_interceptor(api_keys)] if api_keys else [],
+                    max_concurrent_rpcs=config.limits.max_concurrent_rpcs)
     finally:
         await channels.close()
 
@@ -70,7 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     config = cfg.parse(argv, prog="edgellm serve gateway")
     logs.configure("gateway", config.log_level)
     pin_process(config.placement.cpus("gateway"))
-    uvloop.run(run(config))
+    try:
+        uvloop.run(run(config))
+    except SecurityError as e:  # a credential or TLS file that cannot be used: never served
+        structlog.get_logger("gateway").error("refused_to_start", error=str(e))
+        sys.exit(2)
 
 
 if __name__ == "__main__":

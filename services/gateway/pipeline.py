@@ -1,7 +1,8 @@
 """The gateway's request pipeline, free of any transport: GenerateInput in, events out.
 
 Lifecycle of a request:
-  validate -> tokenize (prompt as is, or messages through the chat template) ->
+  validate (limits.py: sampling, sizes and counts, before any work) -> tokenize on the
+  pipeline's tokenizer thread, never on the event loop (prompt as is, or messages through the chat template) ->
   prefill pool (pools.py: bounded queue, deadline) -> tokens (migration.py: route, run on
   the engine services, move on failure) -> text deltas (text.py: incremental
   detokenization, stop strings) -> one Finished event with finish_reason, usage and timings,
@@ -14,6 +15,8 @@ frees the request's KV blocks at the engine's next step.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import random
 import time
@@ -23,42 +26,52 @@ from typing import Any, AsyncIterator
 import structlog
 
 from edgellm import metrics
-from edgellm.config import GatewayConfig
-from edgellm.engine.sampling_params import SamplingParams
+from edgellm.config import GatewayConfig, LimitsConfig
+from edgellm.config import parse as parse_config
 from edgellm.logs import bind_request
+from services.gateway.chat import ChatTokenizer
 from services.gateway.errors import GatewayError, InvalidRequest
+from services.gateway.limits import check_input
 from services.gateway.migration import Migrator
 from services.gateway.pools import Pools
 from services.gateway.request import Event, Finished, GenerateInput, Request, TextDelta, Timings, Usage
 from services.gateway.text import TextStream
 
 log = structlog.get_logger(__name__)
-ROLES = ("system", "user", "assistant")
 
 
 class Pipeline:
     """Runs requests through pools and migrator; one per gateway process, shared by its front ends."""
 
-    def __init__(self, tokenizer: Any, max_context: int, pools: Pools, migrator: Migrator, cfg: GatewayConfig) -> None:
+    def __init__(self, tokenizer: Any, max_context: int, pools: Pools, migrator: Migrator, cfg: GatewayConfig,
+                 limits: LimitsConfig | None = None) -> None:
+        """limits: the request size bounds (None: the defaults of the options)."""
         self.tokenizer = tokenizer
+        self.chat = ChatTokenizer(tokenizer)
         self.max_context = max_context
         self.pools = pools
         self.migrator = migrator
         self.cfg = cfg
+        self.limits = limits or parse_config([], env={}).limits
+        # One thread tokenizes every prompt: a large one never blocks the event loop, and the
+        # (not thread-safe) tokenizers are never used by two threads at once for encoding.
+        self._tokenize_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     async def generate(self, inp: GenerateInput, timeout_s: float | None = None) -> AsyncIterator[Event]:
         """TextDelta events, then one Finished. timeout_s: the client's time left (None: none);
         the gateway's --request-timeout-s bounds it too. Raises GatewayError."""
         received = time.monotonic()
+        check_input(inp, self.limits)  # before the label is logged: it is bounded there
         request_id = inp.request_id or uuid.uuid4().hex
         bind_request(request_id)
-        req = self._accept(inp, request_id, timeout_s)
+        req = await self._accept(inp, request_id, timeout_s)
         try:
             await self.pools.enter_prefill(req.timeout())
         except GatewayError as e:  # ResourceExhausted, DeadlineExceeded
             log.warning("request_refused", error=type(e).__name__, reason=e.message)
             raise
-        log.info("request_accepted", num_prompt_tokens=len(req.prompt_token_ids), max_new_tokens=req.max_new_tokens)
+        log.info("request_accepted", upstream_id=req.upstream_id, num_prompt_tokens=len(req.prompt_token_ids),
+                 max_new_tokens=req.max_new_tokens)
         first_token_at: float | None = None
         try:
             text = TextStream(self.tokenizer, list(inp.stop))
@@ -85,44 +98,40 @@ class Pipeline:
                 self.pools.leave_decode(req.decode_pool)
         yield self._finished(req, finish, received, first_token_at)
 
-    def _accept(self, inp: GenerateInput, request_id: str, timeout_s: float | None) -> Request:
-        """The request as the gateway tracks it; raises InvalidRequest."""
-        s = inp.sampling
-        try:  # the engine's own rules, checked at the door
-            SamplingParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k)
-        except ValueError as e:
-            raise InvalidRequest(str(e)) from None
-        if inp.max_tokens < 0:
-            raise InvalidRequest("max_tokens must be >= 0")
-        prompt_ids = self._tokenize(inp)
+    async def _accept(self, inp: GenerateInput, request_id: str, timeout_s: float | None) -> Request:
+        """The request as the gateway tracks it (input already checked); raises InvalidRequest."""
+        if inp.messages and not self.tokenizer.chat_template:
+            raise InvalidRequest("this model has no chat template: send prompt instead")
+        loop = asyncio.get_running_loop()
+        prompt_ids = await loop.run_in_executor(self._tokenize_thread, self._tokenize, inp)
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
         if len(prompt_ids) >= self.max_context:
             raise InvalidRequest(
                 f"prompt is {len(prompt_ids)} tokens; the model's context is {self.max_context} tokens")
+        room = self.max_context - len(prompt_ids)
+        if inp.max_tokens > room:  # OpenAI style: an explicit max_tokens that cannot fit is an error
+            raise InvalidRequest(
+                f"max_tokens is {inp.max_tokens}, but the model's context of {self.max_context} tokens leaves "
+                f"{room} after the prompt's {len(prompt_ids)}")
         limits = [t for t in (timeout_s, self.cfg.request_timeout_s or None) if t is not None]
         return Request(
             request_id=request_id,
+            upstream_id=uuid.uuid4().hex,
             prompt_token_ids=prompt_ids,
-            sampling=s,
+            sampling=inp.sampling,
             seed=inp.seed if inp.seed is not None else random.getrandbits(63),
-            # Generation also ends at the context's end (finish_reason "length").
-            max_new_tokens=min(inp.max_tokens or self.cfg.default_max_tokens, self.max_context - len(prompt_ids)),
+            # The server default is capped silently: generation also ends at the context's end
+            # (finish_reason "length").
+            max_new_tokens=min(inp.max_tokens or self.cfg.default_max_tokens, room),
             deadline=time.monotonic() + min(limits) if limits else None,
         )
 
     def _tokenize(self, inp: GenerateInput) -> list[int]:
-        if bool(inp.prompt) == bool(inp.messages):
-            raise InvalidRequest("give exactly one of prompt or messages")
+        """On the tokenizer thread."""
         if inp.prompt:
             return list(self.tokenizer(inp.prompt)["input_ids"])
-        if not self.tokenizer.chat_template:
-            raise InvalidRequest("this model has no chat template: send prompt instead")
-        if any(m.role not in ROLES for m in inp.messages):
-            raise InvalidRequest("message roles must be system, user or assistant")
-        messages = [{"role": m.role, "content": m.content} for m in inp.messages]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return list(ids)
+        return self.chat.token_ids([(m.role, m.content) for m in inp.messages])
 
     def _finished(self, req: Request, finish: str, received: float, first_token_at: float | None) -> Finished:
         """The last event, and the request's metrics."""

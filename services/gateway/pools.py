@@ -5,7 +5,8 @@
                 wait in arrival order, at most max_queued_requests of them. A request over
                 that bound is refused at once (ResourceExhausted), and one whose deadline
                 passes while it waits gets DeadlineExceeded: nothing waits forever.
-  decode pool   once its KV is at a decode service (or, in degraded/colocated mode, its first
+  decode pool   at most max_decode_streams requests stream or prefill at once (checked on entry
+                to the prefill pool). Once its KV is at a decode service (or, in degraded/colocated mode, its first
                 token came back), a request moves to that service's decode pool until its
                 stream ends. New prefills are admitted while others decode (time to first
                 token first); decode is never starved because the engines bound how many
@@ -20,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import collections
 
+from edgellm import metrics
 from edgellm.v1 import monitor_pb2
 from services.gateway.errors import DeadlineExceeded, ResourceExhausted
 
 
 class Pools:
-    def __init__(self, max_queued: int, max_inflight_prefills: int) -> None:
+    def __init__(self, max_queued: int, max_inflight_prefills: int, max_decode_streams: int = 1024) -> None:
         self.max_queued = max_queued
+        self.max_decode_streams = max_decode_streams
         self.max_inflight_prefills = max_inflight_prefills
         self._slots = asyncio.Semaphore(max_inflight_prefills)
         self.num_prefill_waiting = 0
@@ -39,7 +42,13 @@ class Pools:
 
     async def enter_prefill(self, timeout_s: float | None) -> None:
         """Wait for a prefill slot; raises ResourceExhausted when the queue is full, DeadlineExceeded
-        when the deadline passes first."""
+        when the deadline passes first, or when the decode pools are full (every request that
+        leaves the prefill pool enters a decode pool: those at prefill count towards the bound)."""
+        if self.num_decoding + self.num_prefilling >= self.max_decode_streams:
+            metrics.LIMIT_HITS.labels("max_decode_streams").inc()
+            raise ResourceExhausted(
+                f"{self.num_decoding} requests streaming and {self.num_prefilling} at prefill "
+                f"(max_decode_streams={self.max_decode_streams})")
         if self._slots.locked() and self.num_prefill_waiting >= self.max_queued:
             raise ResourceExhausted(
                 f"prefill queue is full: {self.num_prefill_waiting} requests waiting "

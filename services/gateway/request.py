@@ -36,7 +36,7 @@ class GenerateInput:
     max_tokens: int = 0  # 0 = the gateway's default
     stop: tuple[str, ...] = ()  # generation ends before the first match; the match is not returned
     seed: int | None = None  # None = a random seed
-    request_id: str = ""  # "" = the pipeline makes one
+    request_id: str = ""  # the client's label, echoed back ("" = the pipeline makes one)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ Event = TextDelta | Finished
 class Request:
     """One accepted request as the gateway tracks it: enough to resume it elsewhere."""
 
-    request_id: str
+    request_id: str  # the client's label (or one made here): echoed back and logged, never used upstream
+    upstream_id: str  # uuid4 hex made here: internal ids are "<upstream_id>", then "<upstream_id>/<attempt>"
     prompt_token_ids: list[int]
     sampling: Sampling
     seed: int

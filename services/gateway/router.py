@@ -23,15 +23,14 @@ import itertools
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Collection
 
-import grpc
 import structlog
 
 from edgellm import metrics
 from edgellm.rpc.channels import ChannelPool
-from edgellm.v1 import monitor_pb2, monitor_pb2_grpc
+from edgellm.rpc.routes import follow_routes
+from edgellm.v1 import monitor_pb2
 
 log = structlog.get_logger(__name__)
-RECONNECT_DELAY_S = 0.5
 NO_ROUTE = "no healthy prefill or decode service"
 
 
@@ -146,11 +145,4 @@ class Router:
 
     async def follow(self, channels: ChannelPool, monitor_address: str) -> None:
         """Run forever: apply every table the monitor publishes."""
-        stub = monitor_pb2_grpc.MonitorStub(channels.get(monitor_address))
-        while True:
-            try:
-                async for table in stub.WatchRoutes(monitor_pb2.WatchRoutesRequest(watcher="gateway")):
-                    self.apply(table)
-            except grpc.aio.AioRpcError as e:
-                log.debug("monitor_unreachable", code=e.code().name)
-            await asyncio.sleep(RECONNECT_DELAY_S)
+        await follow_routes(channels, monitor_address, "gateway", self.apply)

@@ -30,6 +30,8 @@ from services.gateway.request import Request
 from services.gateway.router import Route
 
 # Upstream failures a request survives by moving elsewhere; other codes go to the client.
+# RESOURCE_EXHAUSTED is "busy now" (another engine may take it); a request larger than any KV
+# cache comes back as OUT_OF_RANGE and goes to the client at once, like INVALID_ARGUMENT.
 RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.FAILED_PRECONDITION,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -79,13 +81,19 @@ def local_request(req: Request, upstream_id: str) -> common_pb2.GenerateLocalReq
 class Upstream:
     """Runs attempts over the process's shared channels."""
 
-    def __init__(self, channels: ChannelPool) -> None:
+    def __init__(self, channels: ChannelPool, label_ids: bool = False) -> None:
+        """label_ids (with --kv-fault-injection only): internal ids start with the client's label,
+        so that the fault switch, keyed by id, can pick a request (still unique: the uuid follows)."""
         self.channels = channels
+        self.label_ids = label_ids
 
     def attempt(self, req: Request, route: Route, attempt: int) -> Tokens:
         """The tokens of one attempt along `route` (attempt counts from 1)."""
-        # Each attempt has its own upstream id: a decode service never mixes KV of two attempts.
-        upstream_id = req.request_id if attempt == 1 else f"{req.request_id}/{attempt}"
+        # Each attempt has its own internal id, made by the gateway and never the client's label: a
+        # decode service never mixes KV of two attempts, nor of two requests with one request_id.
+        label = req.request_id.replace("/", "_")  # "/" separates the attempt (prefill's backup.py reads it)
+        base = f"{label}.{req.upstream_id}" if self.label_ids else req.upstream_id
+        upstream_id = base if attempt == 1 else f"{base}/{attempt}"
         if route.is_split:
             return self._split(req, upstream_id, route.prefill, route.decode)
         if route.prefill is not None:

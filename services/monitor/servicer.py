@@ -17,6 +17,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edgellm import metrics
 from edgellm.config import MonitorConfig
 from edgellm.rpc.channels import ChannelPool
 from edgellm.v1 import common_pb2, decode_pb2_grpc, monitor_pb2, monitor_pb2_grpc, prefill_pb2_grpc
@@ -84,20 +85,31 @@ class HealthChecker:
 
 
 class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
-    def __init__(self, checker: HealthChecker) -> None:
+    def __init__(self, checker: HealthChecker, max_watchers: int = 64) -> None:
+        """max_watchers: WatchRoutes streams at once (--max-route-watchers); more get RESOURCE_EXHAUSTED."""
         self.checker = checker
+        self.max_watchers = max_watchers
+        self.num_watchers = 0
 
     async def WatchRoutes(
         self, request: monitor_pb2.WatchRoutesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[monitor_pb2.RouteTable]:
-        log.info("watcher_joined", watcher=request.watcher)
-        await self.checker.ready.wait()
-        checker, sent = self.checker, -1
-        while True:
-            async with checker.changed:
-                await checker.changed.wait_for(lambda: checker.generation != sent)
-                sent = checker.generation
-            yield checker.registry.table()
+        if self.num_watchers >= self.max_watchers:
+            metrics.LIMIT_HITS.labels("max_route_watchers").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.num_watchers} route watchers already (max_route_watchers={self.max_watchers})")
+        self.num_watchers += 1
+        try:
+            log.info("watcher_joined", watcher=request.watcher[:128])
+            await self.checker.ready.wait()
+            checker, sent = self.checker, -1
+            while True:
+                async with checker.changed:
+                    await checker.changed.wait_for(lambda: checker.generation != sent)
+                    sent = checker.generation
+                yield checker.registry.table()
+        finally:
+            self.num_watchers -= 1
 
     async def GetStatus(
         self, request: monitor_pb2.GetStatusRequest, context: grpc.aio.ServicerContext

@@ -26,12 +26,12 @@ import torch
 
 from edgellm import metrics
 from edgellm.config import TransferConfig
-from edgellm.engine.loop import EngineLoop
+from edgellm.engine.loop import EngineError, EngineLoop
 from edgellm.engine.weights import TORCH_DTYPES
 from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.load import engine_load
-from edgellm.rpc.convert import FAILED_SERVICE_KEY, FINISH_TO_WIRE, check_num_generated, check_prompt, sampling_from_proto
+from edgellm.rpc.convert import FAILED_SERVICE_KEY, FINISH_TO_WIRE, check_spec, engine_error_status
 from edgellm.rpc.local import generate_local
 from edgellm.transfer import codec, faults
 from edgellm.transfer.sender import KVStreamSender
@@ -42,8 +42,12 @@ log = structlog.get_logger(__name__)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: EngineLoop, channels: ChannelPool, transfer: TransferConfig) -> None:
+    def __init__(
+        self, engine: EngineLoop, channels: ChannelPool, transfer: TransferConfig, max_waiting: int = 1024
+    ) -> None:
+        """max_waiting: the engine's queue bound (--max-waiting-sequences)."""
         self.engine = engine
+        self.max_waiting = max_waiting
         self.channels = channels
         self.transfer = transfer
         self.vocab_size, self.num_layers = engine.info.vocab_size, engine.info.num_layers
@@ -54,11 +58,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     ) -> prefill_pb2.PrefillResponse:
         spec = request.spec
         bind_request(spec.request_id)
-        await check_prompt(context, spec.prompt_token_ids, self.vocab_size, self.engine.info.max_context)
-        await check_num_generated(context, spec)
+        sampling = await check_spec(context, spec, self.engine, self.max_waiting)
         if not request.decode_address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "decode_address is required")
-        sampling = sampling_from_proto(spec.sampling)
+        if not await self.channels.admits(request.decode_address):  # never dial an address a caller made up
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"decode_address {request.decode_address!r} is "
+                                "not a decode service of the monitor's route table")
         stub = decode_pb2_grpc.DecodeStub(self.channels.get(request.decode_address))
         sender = KVStreamSender(
             stub,
@@ -73,6 +78,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             fault=faults.fault_for(spec.request_id) if self.transfer.kv_fault_injection else None,
             link_mbps=self.transfer.kv_link_mbps,
             after_prefill=self.transfer.kv_send_after_prefill,
+            prompt_digest=codec.prompt_digest(spec.prompt_token_ids),
         )
         kept = None if spec.num_generated else self._keeper(len(spec.prompt_token_ids))
 
@@ -114,7 +120,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             code = grpc.StatusCode.DATA_LOSS if e.code() == grpc.StatusCode.DATA_LOSS else grpc.StatusCode.UNAVAILABLE
             await context.abort(code, f"KV transfer to {request.decode_address} failed: {e.details()}",
                                 trailing_metadata=((FAILED_SERVICE_KEY, request.decode_address),))
-        except BaseException:  # cancelled by the gateway, or the engine failed: close the KV stream too
+        except EngineError as e:  # this request failed in the engine (the rest of its batch went on)
+            sender.abort()
+            log.warning("prefill_failed", error=str(e))
+            await context.abort(engine_error_status(e), str(e))
+        except BaseException:  # cancelled by the gateway: close the KV stream too
             sender.abort()
             raise
         if kept is not None:
@@ -154,7 +164,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         spec = request.spec
         # A takeover (num_generated > 0) of a request prefilled here reuses its prompt's K/V.
         kept = self.backup.get(spec.request_id, list(spec.prompt_token_ids)) if spec.num_generated else None
-        async for delta in generate_local(self.engine, request, context, prefix_kv=kept):
+        async for delta in generate_local(self.engine, request, context, self.max_waiting, prefix_kv=kept):
             yield delta
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:

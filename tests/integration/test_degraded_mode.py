@@ -8,7 +8,6 @@ import time
 import pytest
 
 from edgellm.client import Client
-from edgellm.launch import route_table
 from edgellm.v1 import monitor_pb2
 from tests.conftest import stack_config, start_stack
 
@@ -25,7 +24,8 @@ def stack(tiny_model_dir):
 
 def cli_status(stack) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "edgellm", "status", "--monitor", stack.address("monitor")],
+        [sys.executable, "-m", "edgellm", "status", "--monitor", stack.address("monitor"),
+         "--cluster-token-file", stack.config.security.cluster_token_file],
         capture_output=True,
         text=True,
         timeout=60,
@@ -50,7 +50,7 @@ def test_decode_death_degrades_and_recovery_restores(stack):
     stack.kill("decode")  # SIGKILL
     # A request sent before the monitor has noticed still gets its full answer.
     assert client.generate_text(**PROMPT).token_ids == normal.token_ids
-    while route_table(stack.address("monitor")).mode != monitor_pb2.ROUTE_MODE_DEGRADED:
+    while stack.route_table().mode != monitor_pb2.ROUTE_MODE_DEGRADED:
         assert time.monotonic() - killed_at < 2.0, "monitor did not switch to degraded mode within 2 s"
         time.sleep(0.05)
     status = cli_status(stack)

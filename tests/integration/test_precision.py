@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import grpc
 import pytest
 
 from edgellm.client import Client
@@ -23,7 +22,8 @@ def mixed_stack(tiny_model_dir):
 
 def status_lines(stack) -> dict[str, str]:
     out = subprocess.run(
-        [sys.executable, "-m", "edgellm", "status", "--monitor", stack.address("monitor")],
+        [sys.executable, "-m", "edgellm", "status", "--monitor", stack.address("monitor"),
+         "--cluster-token-file", stack.config.security.cluster_token_file],
         capture_output=True, text=True, timeout=60, env={"EDGELLM_GATEWAY": stack.address("gateway")},
     )
     assert out.returncode == 0, out.stderr
@@ -36,7 +36,7 @@ def test_bf16_prefill_feeds_fp32_decode(mixed_stack, tiny_model_dir):
     assert result.completion_tokens == len(result.token_ids) >= 1
 
     prompt = list(range(100, 140))
-    with grpc.insecure_channel(mixed_stack.address("prefill")) as channel:
+    with mixed_stack.channel("prefill") as channel:
         reply = prefill_pb2_grpc.PrefillStub(channel).Prefill(
             prefill_pb2.PrefillRequest(spec=common_pb2.RequestSpec(request_id="p1", prompt_token_ids=prompt, max_new_tokens=2),
                                        decode_address=mixed_stack.address("decode")),

@@ -90,7 +90,7 @@ def test_sixteen_concurrent_greedy_requests_equal_their_one_at_a_time_outputs(re
 
     alone, together = asyncio.run(run())
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
-    with grpc.insecure_channel(real_stack.address("decode")) as channel:
+    with real_stack.channel("decode") as channel:
         load = decode_pb2_grpc.DecodeStub(channel).GetLoad(common_pb2.GetLoadRequest(), timeout=10)
     assert load.num_running == 0 and load.num_free_kv_blocks == load.num_kv_blocks
 
@@ -101,7 +101,7 @@ def test_decode_receives_kv_before_prefill_finishes(real_stack):
     text = open(__file__).read() * 4
     prompt_ids = tokenizer(text)["input_ids"][:600]
     assert len(prompt_ids) == 600
-    with grpc.insecure_channel(real_stack.address("prefill")) as channel:
+    with real_stack.channel("prefill") as channel:
         reply = prefill_pb2_grpc.PrefillStub(channel).Prefill(
             prefill_pb2.PrefillRequest(
                 spec=common_pb2.RequestSpec(request_id="overlap-1", prompt_token_ids=prompt_ids, max_new_tokens=4,
@@ -117,7 +117,7 @@ def test_decode_receives_kv_before_prefill_finishes(real_stack):
         f"forward pass ended at +{(reply.forward_end_unix_ns - reply.forward_start_unix_ns) / 1e6:.1f} ms"
     )
     # and the streamed KV is complete and usable: decode continues from it
-    with grpc.insecure_channel(real_stack.address("decode")) as channel:
+    with real_stack.channel("decode") as channel:
         deltas = list(
             decode_pb2_grpc.DecodeStub(channel).Decode(
                 decode_pb2.DecodeRequest(
@@ -134,14 +134,13 @@ def test_the_shipped_hybrid_decodes_in_int4_and_still_answers_the_fact():
     reports INT4-AWQ weights, it (not a degraded prefill service) decoded the answer, and the
     answer still names Paris. How close INT4 stays to full precision is measured by
     `make bench-precision` (perplexity, greedy agreement), not here."""
-    from edgellm.launch import route_table
     from edgellm.quant.prepare import Int4Settings, prepare_int4
     from tests.conftest import stack_config, start_stack
 
     prepare_int4("", Int4Settings("awq", 32, 8, True))  # made by `make setup`; a no-op when cached
     stack = start_stack(stack_config(str(prepare_default_model()), shipped_precision=True))
     try:
-        weights = {s.role: s.load.weights for s in route_table(stack.address("monitor")).services}
+        weights = {s.role: s.load.weights for s in stack.route_table().services}
         assert weights[common_pb2.SERVICE_ROLE_DECODE].startswith("int4-awq"), weights
         assert weights[common_pb2.SERVICE_ROLE_PREFILL] == "bf16", weights
         with Client(stack.address("gateway"), timeout_s=120) as client:
@@ -164,7 +163,7 @@ async def greedy_answers(address: str) -> list[list[int]]:
 
 
 def prefill_kv_bytes(stack, prompt: list[int]) -> int:
-    with grpc.insecure_channel(stack.address("prefill")) as channel:
+    with stack.channel("prefill") as channel:
         reply = prefill_pb2_grpc.PrefillStub(channel).Prefill(
             prefill_pb2.PrefillRequest(
                 spec=common_pb2.RequestSpec(request_id=f"bytes-{len(prompt)}", prompt_token_ids=prompt, max_new_tokens=2),

@@ -135,7 +135,8 @@ def test_cli_generate_and_status(tiny_stack):
     assert gen.returncode == 0, gen.stderr
     assert "completion=" in gen.stderr
     status = subprocess.run(
-        [sys.executable, "-m", "edgellm", "status", "--monitor", tiny_stack.address("monitor")],
+        [sys.executable, "-m", "edgellm", "status", "--monitor", tiny_stack.address("monitor"),
+         "--cluster-token-file", tiny_stack.config.security.cluster_token_file],
         capture_output=True,
         text=True,
         timeout=60,

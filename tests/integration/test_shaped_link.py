@@ -5,7 +5,6 @@ where `make bench-kv` falls back to the KV sender's token bucket."""
 import shutil
 import subprocess
 
-import grpc
 import pytest
 
 from bench import shaped_link
@@ -40,7 +39,7 @@ def test_kv_crosses_the_shaped_link_no_faster_than_its_rate(tiny_model_dir):
                             process_args={"decode": ["--host", link.decode_host]})
         try:
             prompt = [100 + i % 5000 for i in range(1900)]
-            with grpc.insecure_channel(stack.address("prefill")) as channel:
+            with stack.channel("prefill") as channel:
                 reply = prefill_pb2_grpc.PrefillStub(channel).Prefill(
                     prefill_pb2.PrefillRequest(
                         spec=common_pb2.RequestSpec(request_id="shaped", prompt_token_ids=prompt, max_new_tokens=2),

@@ -17,6 +17,7 @@ import pytest
 
 from edgellm.client import Client
 from edgellm.launch import free_port_argv, route_table
+from edgellm.rpc.security import ClusterSecurity, write_cluster_token
 from edgellm.v1 import common_pb2
 
 ROLES = {common_pb2.SERVICE_ROLE_PREFILL: "prefill", common_pb2.SERVICE_ROLE_DECODE: "decode"}
@@ -60,10 +61,12 @@ def test_up_places_the_engines_where_it_says_and_answers_a_request_sent_at_once(
     ports = free_port_argv()
     gateway = "127.0.0.1:" + ports[ports.index("--gateway-port") + 1]
     monitor = "127.0.0.1:" + ports[ports.index("--monitor-port") + 1]
+    token_file = str(tmp_path / "cluster-token")  # given, so this test can read the monitor too
+    security = ClusterSecurity(token=write_cluster_token(token_file))
     with open(tmp_path / "up.log", "wb") as log:
         up = subprocess.Popen(
             [sys.executable, "-m", "edgellm", "up", "--model", tiny_model_dir, "--prefill-dtype", "fp32",
-             "--decode-weights", "fp32", *ports],
+             "--decode-weights", "fp32", "--cluster-token-file", token_file, *ports],
             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
         )
     children: dict[str, int] = {}
@@ -86,7 +89,7 @@ def test_up_places_the_engines_where_it_says_and_answers_a_request_sent_at_once(
         for name in ("prefill", "decode"):
             assert os.sched_getaffinity(children[name]) == cpus[name], (name, lines)
         # Each engine runs one torch thread per CPU it was given (its engine face reports it).
-        loads = {ROLES[s.role]: s.load for s in route_table(monitor).services}
+        loads = {ROLES[s.role]: s.load for s in route_table(monitor, security=security).services}
         for name in ("prefill", "decode"):
             assert loads[name].num_threads == len(cpus[name]), (name, loads[name])
     finally:

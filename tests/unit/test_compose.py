@@ -113,9 +113,22 @@ def test_service_runs_edgellm_serve_on_its_default_port(project, defaults, name)
     assert local[3:5] == command[1:3]
     assert flag_value(local, f"--{name}-port") == flag_value(command, f"--{name}-port")
 
+    # Closed doors: only the gateway's gRPC port reaches the host; the rest stays on the compose network.
     published = [(p["target"], int(p["published"])) for p in service.get("ports", [])]
     metrics_port = getattr(defaults.network, f"{name}_metrics_port")
-    assert published == [(port, port), (metrics_port, metrics_port)]  # gRPC, then Prometheus metrics
+    assert published == ([(port, port)] if name == "gateway" else [])
+    exposed = {str(p) for p in service.get("expose", [])}
+    assert exposed == ({str(metrics_port)} if name == "gateway" else {str(port), str(metrics_port)})
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_every_service_reads_the_cluster_token_from_a_compose_secret(project, name):
+    service = project["services"][name]
+    (mounted,) = [s for s in service.get("secrets", []) if s["source"] == "cluster_token"]
+    config = cfg.parse(effective_command(service)[3:], env=service.get("environment") or {})
+    assert config.security.cluster_token_file == mounted.get("target", "/run/secrets/cluster_token")
+    # the file is the operator's (see the comment in docker-compose.yml); `config` needs it not to exist
+    assert project["secrets"]["cluster_token"]["file"].endswith("secrets/cluster-token")
 
 
 @pytest.mark.parametrize("name", SERVICES)

@@ -122,10 +122,10 @@ def test_cancelled_stream_frees_its_blocks(tiny):
 
 
 def test_request_larger_than_the_cache_is_refused(tiny):
-    from edgellm.engine.loop import EngineError
+    from edgellm.engine.loop import NeverFits
 
     engine = make_engine(tiny, num_blocks=4)
-    with pytest.raises(EngineError, match="KV blocks"):
+    with pytest.raises(NeverFits, match="KV blocks"):
         run_engine(engine, lambda: collect(engine, [1] * 10, 20))
 
 
@@ -258,3 +258,90 @@ def test_a_cancelled_sequence_drops_its_staged_kv(tiny):
     seq.cancelled = True  # the client left before the engine took it
     assert engine.step().finished_seq_ids == [seq.seq_id]
     assert_nothing_held(engine)
+
+
+def _sample_failing_for_seed(bad_seed):
+    from edgellm.engine import sampling
+
+    def sample(logits, params, index):
+        if params.seed == bad_seed:  # e.g. non-finite logits for this one request
+            return sampling.sample(torch.full_like(logits, float("nan")), SamplingParams(temperature=1.0), index)
+        return sampling.sample(logits, params, index)
+
+    return sample
+
+
+def test_one_sequence_failing_to_sample_ends_alone_in_a_prefill_batch(tiny, monkeypatch):
+    """A prefill batch of three (two of them prefill-only, as on a prefill service): the one whose
+    sampling raises ends with an error; the others get their tokens as if it were not there."""
+    import edgellm.engine.runner as runner
+
+    bad = SamplingParams(temperature=1.0, seed=666)
+    ps = prompts(3, seed=5)
+    monkeypatch.setattr(runner, "sample", _sample_failing_for_seed(666))
+    engine = make_engine(tiny)
+    outs = {name: [] for name in "bpl"}
+    engine.submit(engine.new_sequence("bad", Kind.PREFILL_ONLY, ps[0], bad, 10),
+                  lambda t, f: outs["b"].append((t, f)), on_layer_kv=lambda *_: None)
+    engine.submit(engine.new_sequence("good", Kind.PREFILL_ONLY, ps[1], GREEDY, 10),
+                  lambda t, f: outs["p"].append((t, f)), on_layer_kv=lambda *_: None)
+    submit_local(engine, "local", ps[2], 6, outs["l"])
+    out = engine.step()
+    assert len(out.prefills) == 3  # one packed batch
+    while engine.has_work:
+        engine.step()
+    assert outs["b"] == [(None, "error")]
+    assert len(outs["p"]) == 1 and outs["p"][0][0] is not None
+    assert len(outs["l"]) == 6 and all(t is not None for t, _ in outs["l"])
+    reference = make_engine(tiny)
+    ref_p, ref_l = [], []
+    reference.submit(reference.new_sequence("good", Kind.PREFILL_ONLY, ps[1], GREEDY, 10),
+                     lambda t, f: ref_p.append((t, f)), on_layer_kv=lambda *_: None)
+    submit_local(reference, "local", ps[2], 6, ref_l)
+    while reference.has_work:
+        reference.step()
+    assert outs["p"] == ref_p and outs["l"] == ref_l
+    assert_nothing_held(engine)
+
+
+def test_one_sequence_failing_to_sample_ends_alone_in_a_decode_step(tiny, monkeypatch):
+    import edgellm.engine.runner as runner
+    from edgellm.engine.loop import SequenceFailed
+
+    ps = prompts(3, seed=6)
+    reference = make_engine(tiny)
+
+    async def good():
+        return list(await asyncio.gather(*(collect(reference, p, 12) for p in ps[1:])))
+
+    expected = run_engine(reference, good)
+
+    # The bad sequence samples its first token fine (index 0), then fails in a decode step.
+    def sample(logits, params, index):
+        from edgellm.engine import sampling
+        if params.seed == 666 and index >= 2:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return sampling.sample(logits, params, index)
+
+    monkeypatch.setattr(runner, "sample", sample)
+    engine = make_engine(tiny)
+
+    async def scenario():
+        bad = collect(engine, ps[0], 12, SamplingParams(temperature=1.0, seed=666))
+        return await asyncio.gather(bad, *(collect(engine, p, 12) for p in ps[1:]), return_exceptions=True)
+
+    got = run_engine(engine, scenario)
+    assert isinstance(got[0], SequenceFailed) and "sampling failed" in str(got[0])
+    assert list(got[1:]) == expected
+    assert_nothing_held(engine)
+
+
+def test_the_engine_queue_is_bounded(tiny):
+    from edgellm.engine.loop import EngineBusy
+
+    engine = make_engine(tiny)
+    for i in range(3):
+        submit_local(engine, f"w{i}", [1, 2, 3], 2, [])
+    with pytest.raises(EngineBusy, match="max_waiting_sequences=3"):
+        engine.check_room(3)
+    engine.check_room(4)

@@ -37,8 +37,11 @@ async def feed(chunks):
         yield c
 
 
-def new_store():
-    return KVStore(LAYERS, HEADS, DIM, torch.float32, ttl_s=60)
+VOCAB, CONTEXT = 100, 1024
+
+
+def new_store(**limits):
+    return KVStore(LAYERS, HEADS, DIM, torch.float32, ttl_s=60, vocab_size=VOCAB, max_context=CONTEXT, **limits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -110,7 +113,7 @@ def test_int8_transfer_is_about_half_of_fp16_and_close():
     for c in int8[:-1]:
         c.num_prompt_tokens = tokens
     int8[-1].num_prompt_tokens = tokens
-    got = asyncio.run(KVStore(LAYERS, HEADS, dim, torch.float32, ttl_s=60).receive(feed(int8)))
+    got = asyncio.run(KVStore(LAYERS, HEADS, dim, torch.float32, ttl_s=60, vocab_size=VOCAB, max_context=CONTEXT).receive(feed(int8)))
     # within half an int8 step of each value's group (after the channel scaling)
     for name, want, have in (("k", k, got.k), ("v", v, got.v)):
         channel = want.abs().amax(2, keepdim=True)
@@ -218,3 +221,97 @@ async def test_a_decode_side_that_takes_nothing_loses_its_stream_after_the_timeo
     assert done == list(range(LAYERS)) and sender.gave_up
     with pytest.raises(asyncio.CancelledError):
         await sender.ack
+
+
+# ---- hostile streams: refused before anything is sized from what they declare ---------------
+
+
+def _header(**fields):
+    """A first chunk that declares things (no valid tensors needed: checks come first)."""
+    declared = dict(request_id="h1", seq_no=0, layer_start=0, layer_end=1, token_start=0, token_end=1,
+                    num_prompt_tokens=TOKENS)
+    return decode_pb2.KVChunk(**(declared | fields))
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"num_prompt_tokens": 4_000_000_000}, "num_prompt_tokens is 4000000000"),
+    ({"num_prompt_tokens": 0}, "num_prompt_tokens is 0"),
+    ({"token_end": 0}, "must be non-empty"),  # a zero-token chunk
+    ({"layer_start": 3, "layer_end": 9}, "must be non-empty and inside"),
+    ({"request_id": "x" * 300}, "request_id must be"),
+])
+def test_declared_sizes_are_checked_before_any_buffer(fields, match):
+    from edgellm.transfer.receiver import InvalidKV
+
+    store = new_store()
+    with pytest.raises(InvalidKV, match=match):
+        asyncio.run(store.receive(feed([_header(**fields)])))
+    assert store.num_staged_bytes == 0 and store.num_streams == 0
+
+
+def test_first_token_outside_the_vocabulary_is_refused():
+    from edgellm.transfer.receiver import InvalidKV
+
+    k, v = prompt_kv()
+    chunks = stream(k, v)
+    chunks[-1].first_token_id = VOCAB
+    store = new_store()
+    with pytest.raises(InvalidKV, match="outside the vocabulary"):
+        asyncio.run(store.receive(feed(chunks)))
+    assert len(store) == 0
+
+
+def test_a_second_stream_for_an_id_already_held_is_refused():
+    from edgellm.transfer.receiver import KVExists
+
+    async def scenario():
+        store = new_store()
+        k, v = prompt_kv()
+        first = await store.receive(feed(stream(k, v)))
+        with pytest.raises(KVExists):
+            await store.receive(feed(stream(k * 2, v * 2)))
+        return await store.claim("r1", 1), first
+
+    got, first = asyncio.run(scenario())
+    assert got is first and torch.equal(got.k, prompt_kv()[0])  # the first stream's KV, untouched
+
+
+def test_staged_kv_and_streams_are_bounded():
+    from edgellm.transfer.receiver import KVStoreFull
+
+    k, v = prompt_kv()
+    one = 2 * k.nbytes
+
+    async def scenario():
+        store = new_store(max_staged_bytes=int(1.5 * one))
+        await store.receive(feed(stream(k, v)))  # held, unclaimed
+        with pytest.raises(KVStoreFull, match="max_staged_kv_mb"):
+            await store.receive(feed([_header(request_id="r2")]))
+        await store.claim("r1", 1)
+        assert store.num_staged_bytes == 0
+
+        busy = new_store(max_streams=1)
+        gate = asyncio.Event()
+
+        async def slow():
+            yield stream(k, v)[0]
+            await gate.wait()
+
+        task = asyncio.create_task(busy.receive(slow()))
+        await asyncio.sleep(0.01)
+        with pytest.raises(KVStoreFull, match="max_kv_streams"):
+            await busy.receive(feed(stream(k, v)))
+        task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_the_closing_message_carries_the_prompt_digest():
+    from edgellm.transfer.codec import prompt_digest
+
+    assert prompt_digest([1, 2, 3]) != prompt_digest([1, 2, 4]) and len(prompt_digest([1])) == 32
+    k, v = prompt_kv()
+    chunks = stream(k, v)
+    chunks[-1].prompt_digest = prompt_digest(range(TOKENS))
+    got = asyncio.run(new_store().receive(feed(chunks)))
+    assert got.prompt_digest == prompt_digest(list(range(TOKENS)))
