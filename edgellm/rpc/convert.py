@@ -48,12 +48,19 @@ async def check_spec(
     context: grpc.aio.ServicerContext, spec: common_pb2.RequestSpec, engine: EngineLoop, max_waiting: int
 ) -> SamplingParams:
     """Every internal door's checks on a RequestSpec, before any work: a bounded id, a prompt of
-    in-vocabulary ids inside the context, a consistent num_generated, sampling values the engine
+    in-vocabulary ids inside the context, a consistent num_generated, a max_new_tokens the context holds, sampling values the engine
     accepts, room in the engine's queue. Aborts with a clear status; returns the sampling params."""
     if not spec.request_id or len(spec.request_id.encode()) > MAX_UPSTREAM_ID_BYTES:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id must be 1..{MAX_UPSTREAM_ID_BYTES} bytes")
     await check_prompt(context, spec.prompt_token_ids, engine.info.vocab_size, engine.info.max_context)
     await check_num_generated(context, spec)
+    num_prompt = len(spec.prompt_token_ids) - spec.num_generated
+    if num_prompt + spec.max_new_tokens > engine.info.max_context:  # generation would run past the context
+        await context.abort(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"max_new_tokens is {spec.max_new_tokens}, but the model's context of {engine.info.max_context} tokens "
+            f"leaves {engine.info.max_context - num_prompt} after the prompt's {num_prompt}",
+        )
     try:
         sampling = sampling_from_proto(spec.sampling)
     except ValueError as e:

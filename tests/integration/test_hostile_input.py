@@ -185,8 +185,10 @@ def test_internal_calls_check_sampling_ids_and_sizes(decode, prefill, tiny_stack
             spec=spec("i-4", [1, 2, 3], top_p=math.nan)), timeout=10), grpc.StatusCode.INVALID_ARGUMENT),
         "decode NaN temperature": (lambda: decode.Decode(decode_pb2.DecodeRequest(
             spec=spec("i-5", [1, 2, 3], temperature=math.nan)), timeout=10), grpc.StatusCode.INVALID_ARGUMENT),
-        "larger than any KV cache": (lambda: decode.GenerateLocal(common_pb2.GenerateLocalRequest(
+        "beyond the context": (lambda: decode.GenerateLocal(common_pb2.GenerateLocalRequest(
             spec=spec("i-6", [1, 2, 3], max_new_tokens=1_000_000_000)), timeout=10), grpc.StatusCode.OUT_OF_RANGE),
+        "decode past the context": (lambda: decode.Decode(decode_pb2.DecodeRequest(
+            spec=spec("i-7", [1, 2, 3], max_new_tokens=2049)), timeout=10), grpc.StatusCode.OUT_OF_RANGE),
     }
     for name, (call, expected) in cases.items():
         assert status_of(call) == expected, name
