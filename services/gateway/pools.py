@@ -50,6 +50,7 @@ class Pools:
                 f"{self.num_decoding} requests streaming and {self.num_prefilling} at prefill "
                 f"(max_decode_streams={self.max_decode_streams})")
         if self._slots.locked() and self.num_prefill_waiting >= self.max_queued:
+            metrics.LIMIT_HITS.labels("max_queued_requests").inc()
             raise ResourceExhausted(
                 f"prefill queue is full: {self.num_prefill_waiting} requests waiting "
                 f"(max_queued_requests={self.max_queued})",
