@@ -37,7 +37,7 @@ def load_service_model(model_cfg: ModelConfig, service: str, num_threads: int) -
 
 
 def build_engine(
-    model_cfg: ModelConfig, engine_cfg: EngineConfig, threads: int, service: str
+    model_cfg: ModelConfig, engine_cfg: EngineConfig, threads: int, service: str, max_waiting: int
 ) -> tuple[EngineLoop, LoadedModel]:
     """Load the service's model and return its started (warmed-up) engine."""
     num_threads = engine_threads(threads)
@@ -51,6 +51,7 @@ def build_engine(
         max_batch_tokens=engine_cfg.max_batch_tokens,
         max_running=engine_cfg.max_running,
         max_consecutive_prefills=engine_cfg.max_consecutive_prefills,
+        max_waiting=max_waiting,
     )
     engine = EngineLoop(loaded.model, loaded.eos_token_ids, limits, num_threads=num_threads,
                         weights_label=weights_label(model_cfg, service))

@@ -193,7 +193,7 @@ class Stack:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                table = route_table(self.address("monitor"), security=self.security)
+                table = self.route_table()
                 if table.mode == mode:
                     return table
             except grpc.RpcError:
@@ -208,7 +208,7 @@ class Stack:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                table = route_table(self.address("monitor"), security=self.security)
+                table = self.route_table()
                 if table.services and all(s.healthy for s in table.services) and self._gateway_follows(table):
                     return
             except grpc.RpcError:

@@ -23,6 +23,7 @@ class EngineInfo:
     num_kv_blocks: int
     kv_block_size: int
     max_running: int  # sequences in the decode batch
+    max_waiting: int  # sequences queued and not yet running
 
 
 @dataclass(frozen=True)

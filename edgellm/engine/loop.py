@@ -59,6 +59,7 @@ class EngineLimits:
     max_batch_tokens: int = 2048  # prefill tokens packed into one forward
     max_running: int = 64  # sequences in the decode batch
     max_consecutive_prefills: int = 4  # then a decode step runs, so decoding never starves
+    max_waiting: int = 1024  # sequences queued and not yet running; more are refused (EngineBusy)
 
 
 @dataclass
@@ -129,6 +130,7 @@ class EngineLoop:
             num_kv_blocks=limits.num_blocks,
             kv_block_size=limits.block_size,
             max_running=limits.max_running,
+            max_waiting=limits.max_waiting,
         )
         self.num_steps = 0
         self.num_preemptions = 0
@@ -221,11 +223,12 @@ class EngineLoop:
                 f"this engine's cache has {self.blocks.num_blocks}"
             )
 
-    def check_room(self, max_waiting: int) -> None:
-        """Raise EngineBusy if max_waiting sequences already wait (the caller's bound on the queue)."""
-        if self.num_waiting >= max_waiting:
+    def check_room(self) -> None:
+        """Raise EngineBusy if the queue already holds info.max_waiting sequences (services call
+        this at their door, before accepting a request)."""
+        if self.num_waiting >= self.info.max_waiting:
             raise EngineBusy(f"engine queue is full: {self.num_waiting} sequences waiting "
-                             f"(max_waiting_sequences={max_waiting})")
+                             f"(max_waiting_sequences={self.info.max_waiting})")
 
     # ---- asyncio-facing API ----------------------------------------------------------------
     async def prefill(

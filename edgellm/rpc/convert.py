@@ -9,6 +9,7 @@ import grpc
 from edgellm import metrics
 from edgellm.engine.loop import EngineBusy, EngineError, EngineLoop, NeverFits, SequenceFailed
 from edgellm.engine.sampling_params import SamplingParams
+from edgellm.transfer.receiver import MAX_REQUEST_ID_BYTES  # one bound for every internal door
 from edgellm.v1 import common_pb2
 
 FINISH_TO_WIRE = {
@@ -21,7 +22,6 @@ WIRE_TO_FINISH = {v: k for k, v in FINISH_TO_WIRE.items()}
 # Trailing metadata of a failed Prefill call naming the service at fault (its decode service):
 # the gateway then avoids that one, not the prefill service.
 FAILED_SERVICE_KEY = "edgellm-failed-service"
-MAX_UPSTREAM_ID_BYTES = 256  # internal request ids are made by the gateway (uuid hex + attempt)
 # How an engine's refusal or failure ends an internal call (never UNKNOWN):
 #   NeverFits       OUT_OF_RANGE: larger than the whole KV cache; the gateway passes it on at once
 #   EngineBusy      RESOURCE_EXHAUSTED: the queue is full now; the gateway may try another engine
@@ -35,8 +35,13 @@ ENGINE_ERROR_STATUS = (
 )
 
 
+def status_for(error: Exception, table: tuple[tuple[type, grpc.StatusCode], ...]) -> grpc.StatusCode:
+    """The status of the first (error class, status) row `error` is an instance of (subclasses first)."""
+    return next(code for cls, code in table if isinstance(error, cls))
+
+
 def engine_error_status(e: EngineError) -> grpc.StatusCode:
-    return next(code for cls, code in ENGINE_ERROR_STATUS if isinstance(e, cls))
+    return status_for(e, ENGINE_ERROR_STATUS)
 
 
 def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
@@ -45,13 +50,13 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
 
 
 async def check_spec(
-    context: grpc.aio.ServicerContext, spec: common_pb2.RequestSpec, engine: EngineLoop, max_waiting: int
+    context: grpc.aio.ServicerContext, spec: common_pb2.RequestSpec, engine: EngineLoop
 ) -> SamplingParams:
     """Every internal door's checks on a RequestSpec, before any work: a bounded id, a prompt of
-    in-vocabulary ids inside the context, a consistent num_generated, a max_new_tokens the context holds, sampling values the engine
-    accepts, room in the engine's queue. Aborts with a clear status; returns the sampling params."""
-    if not spec.request_id or len(spec.request_id.encode()) > MAX_UPSTREAM_ID_BYTES:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id must be 1..{MAX_UPSTREAM_ID_BYTES} bytes")
+    in-vocabulary ids inside the context, a consistent num_generated, a max_new_tokens the context
+    holds, sampling values the engine accepts, room in the engine's queue. Aborts with a clear status; returns the sampling params."""
+    if not spec.request_id or len(spec.request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id must be 1..{MAX_REQUEST_ID_BYTES} bytes")
     await check_prompt(context, spec.prompt_token_ids, engine.info.vocab_size, engine.info.max_context)
     await check_num_generated(context, spec)
     num_prompt = len(spec.prompt_token_ids) - spec.num_generated
@@ -66,7 +71,7 @@ async def check_spec(
     except ValueError as e:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}")
     try:
-        engine.check_room(max_waiting)
+        engine.check_room()
     except EngineBusy as e:
         metrics.LIMIT_HITS.labels("max_waiting_sequences").inc()
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))

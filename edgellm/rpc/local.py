@@ -25,14 +25,12 @@ async def generate_local(
     engine: EngineLoop,
     request: common_pb2.GenerateLocalRequest,
     context: grpc.aio.ServicerContext,
-    max_waiting: int,
     prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> AsyncIterator[common_pb2.TokenDelta]:
-    """prefix_kv: the K/V of the request's first tokens, kept here from its prefill (hot backup).
-    max_waiting: the engine's queue bound (--max-waiting-sequences)."""
+    """prefix_kv: the K/V of the request's first tokens, kept here from its prefill (hot backup)."""
     spec = request.spec
     bind_request(spec.request_id)
-    sampling = await check_spec(context, spec, engine, max_waiting)
+    sampling = await check_spec(context, spec, engine)
     log.info("local_generate", num_prompt_tokens=len(spec.prompt_token_ids), num_generated=spec.num_generated,
              kept_kv_tokens=0 if prefix_kv is None else prefix_kv[0].shape[2])
     tokens = engine.generate(

@@ -22,7 +22,8 @@ from services.decode.servicer import DecodeServicer
 
 async def run(config: cfg.Config) -> None:
     security = ClusterSecurity.for_service(config, "decode")  # before the model loads: a wrong file fails fast
-    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("decode"), "decode")
+    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("decode"), "decode",
+                                  config.limits.max_waiting_sequences)
     # Unclaimed KV (a request whose first token already finished it, or whose gateway went away) expires.
     info = engine.info
     store = KVStore(info.num_layers, info.num_kv_heads, info.head_dim, TORCH_DTYPES[info.dtype],
@@ -35,7 +36,7 @@ async def run(config: cfg.Config) -> None:
     metrics.serve_metrics(config.network.decode_metrics_port, config.network.host)
 
     def register(server):
-        servicer = DecodeServicer(engine, store, config.transfer, config.limits.max_waiting_sequences)
+        servicer = DecodeServicer(engine, store, config.transfer)
         decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
         return [decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name]
 

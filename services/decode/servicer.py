@@ -24,7 +24,7 @@ from edgellm.config import TransferConfig
 from edgellm.engine.loop import EngineLoop
 from edgellm.logs import bind_request
 from edgellm.rpc.load import engine_load
-from edgellm.rpc.convert import check_spec, token_deltas
+from edgellm.rpc.convert import check_spec, status_for, token_deltas
 from edgellm.transfer import codec
 from edgellm.rpc.local import generate_local
 from edgellm.transfer.codec import ChunkError
@@ -39,13 +39,12 @@ PUSH_KV_STATUS = (
     (KVExists, grpc.StatusCode.ALREADY_EXISTS),
     (KVStoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
+PUSH_KV_ERRORS = tuple(cls for cls, _ in PUSH_KV_STATUS)
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, engine: EngineLoop, store: KVStore, transfer: TransferConfig, max_waiting: int = 1024) -> None:
-        """max_waiting: the engine's queue bound (--max-waiting-sequences)."""
+    def __init__(self, engine: EngineLoop, store: KVStore, transfer: TransferConfig) -> None:
         self.engine = engine
-        self.max_waiting = max_waiting
         self.store = store
         self.transfer = transfer
 
@@ -54,10 +53,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     ) -> decode_pb2.KVAck:
         try:
             received = await self.store.receive(request_iterator)
-        except (ChunkError, InvalidKV, KVExists, KVStoreFull) as e:
+        except PUSH_KV_ERRORS as e:
             # damaged in transit: DATA_LOSS (sent once more); declared sizes or ids this service
             # will not hold: INVALID_ARGUMENT; an id already here: ALREADY_EXISTS; full: RESOURCE_EXHAUSTED
-            code = next(c for cls, c in PUSH_KV_STATUS if isinstance(e, cls))
+            code = status_for(e, PUSH_KV_STATUS)
             metrics.KV_REJECTED.inc()
             log.warning("kv_rejected", reason=str(e), code=code.name)
             await context.abort(code, f"KV stream rejected: {e}")
@@ -76,7 +75,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     ) -> AsyncIterator[common_pb2.TokenDelta]:
         spec = request.spec
         bind_request(spec.request_id)
-        sampling = await check_spec(context, spec, self.engine, self.max_waiting)
+        sampling = await check_spec(context, spec, self.engine)
         if spec.max_new_tokens < spec.num_generated + 2:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -111,7 +110,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def GenerateLocal(
         self, request: common_pb2.GenerateLocalRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.TokenDelta]:
-        async for delta in generate_local(self.engine, request, context, self.max_waiting):
+        async for delta in generate_local(self.engine, request, context):
             yield delta
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:

@@ -23,7 +23,8 @@ from services.prefill.servicer import PrefillServicer
 
 async def run(config: cfg.Config) -> None:
     security = ClusterSecurity.for_service(config, "prefill")  # before the model loads: a wrong file fails fast
-    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("prefill"), "prefill")
+    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("prefill"), "prefill",
+                                  config.limits.max_waiting_sequences)
     # KV goes only to decode services of the monitor's route table (followed on its own channel).
     routes = DecodeRoutes()
     channels = ChannelPool(security, admit=routes.admits)
@@ -36,7 +37,7 @@ async def run(config: cfg.Config) -> None:
     metrics.engine_gauges(engine)
     metrics.serve_metrics(config.network.prefill_metrics_port, config.network.host)
 
-    servicer = PrefillServicer(engine, channels, config.transfer, config.limits.max_waiting_sequences)
+    servicer = PrefillServicer(engine, channels, config.transfer)
     metrics.gauge("edgellm_kv_backup_bytes", "Prompt KV kept for takeovers", lambda: servicer.backup.num_bytes)
     metrics.gauge("edgellm_kv_backup_hits", "Takeovers that reused a kept prompt KV", lambda: servicer.backup.hits)
 

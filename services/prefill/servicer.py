@@ -42,12 +42,8 @@ log = structlog.get_logger(__name__)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(
-        self, engine: EngineLoop, channels: ChannelPool, transfer: TransferConfig, max_waiting: int = 1024
-    ) -> None:
-        """max_waiting: the engine's queue bound (--max-waiting-sequences)."""
+    def __init__(self, engine: EngineLoop, channels: ChannelPool, transfer: TransferConfig) -> None:
         self.engine = engine
-        self.max_waiting = max_waiting
         self.channels = channels
         self.transfer = transfer
         self.vocab_size, self.num_layers = engine.info.vocab_size, engine.info.num_layers
@@ -58,7 +54,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     ) -> prefill_pb2.PrefillResponse:
         spec = request.spec
         bind_request(spec.request_id)
-        sampling = await check_spec(context, spec, self.engine, self.max_waiting)
+        sampling = await check_spec(context, spec, self.engine)
         if not request.decode_address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "decode_address is required")
         if not await self.channels.admits(request.decode_address):  # never dial an address a caller made up
@@ -164,7 +160,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         spec = request.spec
         # A takeover (num_generated > 0) of a request prefilled here reuses its prompt's K/V.
         kept = self.backup.get(spec.request_id, list(spec.prompt_token_ids)) if spec.num_generated else None
-        async for delta in generate_local(self.engine, request, context, self.max_waiting, prefix_kv=kept):
+        async for delta in generate_local(self.engine, request, context, prefix_kv=kept):
             yield delta
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:

@@ -339,9 +339,10 @@ def test_one_sequence_failing_to_sample_ends_alone_in_a_decode_step(tiny, monkey
 def test_the_engine_queue_is_bounded(tiny):
     from edgellm.engine.loop import EngineBusy
 
-    engine = make_engine(tiny)
-    for i in range(3):
+    engine = make_engine(tiny, max_waiting=3)
+    for i in range(2):
         submit_local(engine, f"w{i}", [1, 2, 3], 2, [])
+    engine.check_room()  # 2 waiting: room for one more
+    submit_local(engine, "w2", [1, 2, 3], 2, [])
     with pytest.raises(EngineBusy, match="max_waiting_sequences=3"):
-        engine.check_room(3)
-    engine.check_room(4)
+        engine.check_room()
