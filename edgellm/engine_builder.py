@@ -1,5 +1,6 @@
-"""Compose a ready EngineLoop for a prefill or decode service: load the weights (dense, or
-INT4 through quant's transform), size the KV cache from the config, start the engine thread.
+"""Compose a ready EngineLoop for a prefill or decode service: pick its device, load the
+weights there (dense, or INT4 through quant's transform), size the KV cache from the config,
+start the engine thread.
 
 It sits above both engine and quant: quant transforms the engine's model, the engine
 imports neither quant nor this module.
@@ -7,7 +8,10 @@ imports neither quant nor this module.
 
 from __future__ import annotations
 
-from edgellm.config import EngineConfig, ModelConfig
+import torch
+
+from edgellm.config import Config, ModelConfig
+from edgellm.device import resolve_device
 from edgellm.engine.kv_cache import PagedKVCache
 from edgellm.engine.loop import EngineLimits, EngineLoop
 from edgellm.engine.weights import LoadedModel, load_model
@@ -27,21 +31,26 @@ def weights_label(model_cfg: ModelConfig, service: str) -> str:
     return int4.label if int4 is not None else model_cfg.dtype_for(service)
 
 
-def load_service_model(model_cfg: ModelConfig, service: str, num_threads: int) -> LoadedModel:
-    """The model a prefill or decode service runs: INT4 weights for decode when configured
-    (calibrated with num_threads if its checkpoint is not cached yet), else dense weights."""
+def load_service_model(model_cfg: ModelConfig, service: str, num_threads: int, device: torch.device) -> LoadedModel:
+    """The model a prefill or decode service runs, on `device`: INT4 weights for decode when
+    configured (calibrated with num_threads if its checkpoint is not cached yet), else dense
+    weights."""
     int4 = int4_settings(model_cfg) if service == "decode" else None
     if int4 is None:  # prefill (and dense decode) keep full precision
-        return load_model(model_cfg.model, model_cfg.dtype_for(service))
-    return load_int4_model(model_cfg.model, int4, model_cfg.int4_checkpoint, num_threads, model_cfg.int4_kernel)
+        loaded = load_model(model_cfg.model, model_cfg.dtype_for(service))
+        loaded.model.to(device)
+        return loaded
+    return load_int4_model(model_cfg.model, int4, model_cfg.int4_checkpoint, num_threads, model_cfg.int4_kernel, device)
 
 
-def build_engine(
-    model_cfg: ModelConfig, engine_cfg: EngineConfig, threads: int, service: str, max_waiting: int
-) -> tuple[EngineLoop, LoadedModel]:
-    """Load the service's model and return its started (warmed-up) engine."""
-    num_threads = engine_threads(threads)
-    loaded = load_service_model(model_cfg, service, num_threads)
+def build_engine(config: Config, service: str) -> tuple[EngineLoop, LoadedModel]:
+    """Load the service's model onto its device (--prefill-device / --decode-device) and
+    return its started (warmed-up) engine. A device that cannot be used raises
+    DeviceUnavailable before anything loads."""
+    model_cfg, engine_cfg, placement = config.model, config.engine, config.placement
+    device = resolve_device(placement.device(service), f"--{service}-device")
+    num_threads = engine_threads(placement.threads(service))
+    loaded = load_service_model(model_cfg, service, num_threads, device)
     a = loaded.model.arch
     dtype = loaded.model.norm.weight.dtype
     block_bytes = PagedKVCache.bytes_per_block(a.num_layers, engine_cfg.kv_block_size, a.num_kv_heads, a.head_dim, dtype)
@@ -51,9 +60,9 @@ def build_engine(
         max_batch_tokens=engine_cfg.max_batch_tokens,
         max_running=engine_cfg.max_running,
         max_consecutive_prefills=engine_cfg.max_consecutive_prefills,
-        max_waiting=max_waiting,
+        max_waiting=config.limits.max_waiting_sequences,
     )
     engine = EngineLoop(loaded.model, loaded.eos_token_ids, limits, num_threads=num_threads,
-                        weights_label=weights_label(model_cfg, service))
+                        weights_label=weights_label(model_cfg, service), cuda_graphs=placement.cuda_graphs)
     engine.start()  # returns after the engine thread's warm-up
     return engine, loaded

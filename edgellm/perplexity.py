@@ -27,7 +27,7 @@ from edgellm.engine_builder import load_service_model
 
 def decode_model(model_cfg: cfg.ModelConfig, num_threads: int = 0) -> LlamaModel:
     """The model the decode service would run for this configuration."""
-    return load_service_model(model_cfg, "decode", num_threads or torch.get_num_threads()).model
+    return load_service_model(model_cfg, "decode", num_threads or torch.get_num_threads(), torch.device("cpu")).model
 
 
 def windows(token_ids: list[int], window: int) -> list[list[int]]:

@@ -62,6 +62,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("decode_cpus", str, "", "CPUs the decode service is pinned to; empty = any"),
     Option("gateway_cpus", str, "", "CPUs the gateway is pinned to; empty = any"),
     Option("monitor_cpus", str, "", "CPUs the monitor is pinned to; empty = any"),
+    Option("prefill_device", str, "auto", "device of the prefill engine: auto (CUDA when torch sees a usable GPU, "
+           "else the CPU), cpu, cuda or cuda:N; CUDA where there is none fails at start"),
+    Option("decode_device", str, "auto", "device of the decode engine: auto, cpu, cuda or cuda:N (degraded-mode "
+           "decoding on the prefill service runs on --prefill-device)"),
+    Option("cuda_graphs", _bool, True, "CUDA: replay the decode step as CUDA graphs per batch-size bucket "
+           "(eager for prefill and batches past the largest bucket); false = always eager"),
     # engine
     Option("kv_cache_mb", int, 1024, "memory for the paged KV cache of an engine (prefill in degraded mode, decode)"),
     Option("kv_block_size", int, 16, "tokens per KV block"),
@@ -76,6 +82,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("monitor_port", int, 50054, "monitor gRPC port"),
     Option("prefill_addrs", _addresses, (), "comma-separated prefill services; empty = 127.0.0.1:<prefill-port>"),
     Option("decode_addrs", _addresses, (), "comma-separated decode services; empty = 127.0.0.1:<decode-port>"),
+    Option("gateway_http_port", int, 8000, "gateway OpenAI-compatible HTTP API port (/v1/chat/completions, "
+           "/v1/completions, /v1/models, /health) on --host; 0 = off"),
     Option("gateway_metrics_port", int, 9101, "gateway Prometheus metrics port (HTTP); 0 = off"),
     Option("prefill_metrics_port", int, 9102, "prefill Prometheus metrics port (HTTP); 0 = off"),
     Option("decode_metrics_port", int, 9103, "decode Prometheus metrics port (HTTP); 0 = off"),
@@ -115,6 +123,10 @@ OPTIONS: tuple[Option, ...] = (
            "healthy (start-up, a failover gap) before UNAVAILABLE; its own deadline may end the wait sooner"),
     Option("migrate", _bool, True, "move a request whose service fails (stream error or the monitor's verdict) to "
            "another one, after the tokens already sent; false ends it with UNAVAILABLE (tests' negative twins)"),
+    Option("rate_limit_rpm", int, 0, "gateway: requests per minute per API key (per client address without "
+           "--api-keys-file), HTTP and gRPC together; over it: HTTP 429 / RESOURCE_EXHAUSTED; 0 = off"),
+    Option("rate_limit_tpm", int, 0, "gateway: prompt + completion tokens per minute per API key (per client "
+           "address without --api-keys-file); a request is admitted while any budget is left; 0 = off"),
     # security (issue 13): closed doors between services and at the public entry
     Option("cluster_token_file", str, "", "file holding the cluster credential every internal RPC must carry "
            "(`edgellm up` makes one); empty = internal RPCs are open, which a service allows only on loopback"),

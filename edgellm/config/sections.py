@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from edgellm.config.options import DECODE_WEIGHTS, DTYPES, INT4_KERNELS, KV_TRANSFER_DTYPES
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -65,8 +68,15 @@ class PlacementConfig:
     decode_cpus: str
     gateway_cpus: str
     monitor_cpus: str
+    prefill_device: str
+    decode_device: str
+    cuda_graphs: bool
 
     def __post_init__(self) -> None:
+        for service in ("prefill", "decode"):
+            if not DEVICE_PATTERN.fullmatch(getattr(self, f"{service}_device")):
+                raise ValueError(f"{service}_device must be auto, cpu, cuda or cuda:N, "
+                                 f"got {getattr(self, f'{service}_device')!r}")
         if self.prefill_threads < 0 or self.decode_threads < 0:
             raise ValueError("prefill_threads and decode_threads must be >= 0")
         for service in ("prefill", "decode", "gateway", "monitor"):
@@ -80,6 +90,10 @@ class PlacementConfig:
 
     def threads(self, service: str) -> int:
         return getattr(self, f"{service}_threads")
+
+    def device(self, service: str) -> str:
+        """The device spec of an engine service ('auto', 'cpu', 'cuda', 'cuda:N')."""
+        return getattr(self, f"{service}_device")
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,7 @@ class EngineConfig:
 class NetworkConfig:
     host: str
     gateway_port: int
+    gateway_http_port: int
     prefill_port: int
     decode_port: int
     monitor_port: int
@@ -113,7 +128,7 @@ class NetworkConfig:
     colocated: bool
 
     def __post_init__(self) -> None:
-        for name in ("gateway_port", "prefill_port", "decode_port", "monitor_port", "gateway_metrics_port",
+        for name in ("gateway_port", "gateway_http_port", "prefill_port", "decode_port", "monitor_port", "gateway_metrics_port",
                      "prefill_metrics_port", "decode_metrics_port", "monitor_metrics_port"):
             port = getattr(self, name)
             if not 0 <= port < 65536:
@@ -187,11 +202,15 @@ class GatewayConfig:
     request_timeout_s: float
     route_wait_s: float
     migrate: bool
+    rate_limit_rpm: int
+    rate_limit_tpm: int
 
     def __post_init__(self) -> None:
         for name in ("default_max_tokens", "max_inflight_prefills"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
+            raise ValueError("rate_limit_rpm and rate_limit_tpm must be >= 0 (0 = off)")
         if self.max_queued_requests < 0 or self.request_timeout_s < 0 or self.route_wait_s < 0:
             raise ValueError("max_queued_requests, request_timeout_s and route_wait_s must be >= 0")
 

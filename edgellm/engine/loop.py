@@ -32,6 +32,7 @@ from typing import AsyncIterator, Callable, Iterable
 import structlog
 import torch
 
+from edgellm.device import device_label
 from edgellm.engine.block_manager import BlockManager
 from edgellm.engine.info import EngineInfo, EngineStats
 from edgellm.engine.kv_cache import PagedKVCache
@@ -106,18 +107,22 @@ class EngineLoop:
         limits: EngineLimits,
         num_threads: int = 0,
         weights_label: str = "",
+        cuda_graphs: bool = True,
     ):
-        """weights_label: what `edgellm status` shows (default: the weights' dtype name)."""
+        """The engine runs on the device the model's weights are on. weights_label: what
+        `edgellm status` shows (default: the weights' dtype name). cuda_graphs: on CUDA, replay
+        decode steps as graphs (cuda_graphs.py)."""
         self.eos_token_ids = eos_token_ids
         self.num_threads = num_threads  # torch threads of the engine thread; 0 = leave as is
         a = model.arch
-        dtype = model.norm.weight.dtype
+        dtype, device = model.norm.weight.dtype, model.norm.weight.device
         self.blocks = BlockManager(limits.num_blocks, limits.block_size)
-        self.cache = PagedKVCache(a.num_layers, limits.num_blocks, limits.block_size, a.num_kv_heads, a.head_dim, dtype)
-        self.runner = ModelRunner(model, self.cache, self.blocks)
+        self.cache = PagedKVCache(a.num_layers, limits.num_blocks, limits.block_size, a.num_kv_heads, a.head_dim, dtype,
+                                  device)
+        self.runner = ModelRunner(model, self.cache, self.blocks, limits.max_running, cuda_graphs)
         self.scheduler = Scheduler(self.blocks, limits.max_batch_tokens, limits.max_running, limits.max_consecutive_prefills)
         self.info = EngineInfo(
-            device=model.norm.weight.device.type,
+            device=device_label(device),
             num_threads=num_threads or torch.get_num_threads(),
             dtype=DTYPE_NAMES[dtype],
             weights_label=weights_label or DTYPE_NAMES[dtype],

@@ -19,7 +19,9 @@ import time
 import torch
 
 from edgellm.engine.block_manager import BlockManager
+from edgellm.engine.cuda_graphs import DecodeGraphs
 from edgellm.engine.kv_cache import ForwardBatch, PagedKVCache
+from edgellm.engine.kv_offload import LayerKVOffload
 from edgellm.engine.model import LayerKVHook, LlamaModel
 from edgellm.engine.postprocess import RunnerOutput
 from edgellm.engine.sampling import sample
@@ -30,8 +32,18 @@ KV = tuple[torch.Tensor, torch.Tensor]  # K, V: [L, Hkv, T, D] each
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, blocks: BlockManager) -> None:
+    def __init__(
+        self, model: LlamaModel, cache: PagedKVCache, blocks: BlockManager, max_running: int = 64,
+        cuda_graphs: bool = False,
+    ) -> None:
+        """The model and cache live on one device (cache.device); only token ids come back to
+        the host each step. cuda_graphs: replay decode steps as CUDA graphs (CUDA only)."""
         self.model, self.cache, self.blocks = model, cache, blocks
+        self.device = cache.device
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            max_blocks = min(blocks.num_blocks, -(-model.arch.max_position_embeddings // blocks.block_size))
+            self.graphs = DecodeGraphs(model, cache, max_running, max_blocks, capture=True)
         self._staged: dict[int, KV] = {}
         self._prefixes: dict[int, KV] = {}
         self._hooks: dict[int, LayerKVHook] = {}
@@ -74,7 +86,7 @@ class ModelRunner:
     def _load_staged(self, seq: Sequence) -> None:
         """Copy prompt KV received from a prefill service into the sequence's blocks."""
         k, v = self._staged.pop(seq.seq_id)  # [L, Hkv, T, D]
-        slots = torch.tensor(self.blocks.slots(seq.block_table, 0, seq.num_staged_tokens))
+        slots = self._tensor(self.blocks.slots(seq.block_table, 0, seq.num_staged_tokens))
         for layer in range(k.shape[0]):
             self.cache.store(layer, slots, k[layer].transpose(0, 1), v[layer].transpose(0, 1))
 
@@ -85,30 +97,41 @@ class ModelRunner:
         assert seq.kind is Kind.LOCAL, "only a local sequence's prefill reads a cached prefix"
         k, v = self._prefixes.pop(seq.seq_id)  # [L, Hkv, C, D]
         assert k.shape[2] == seq.num_prefix_tokens
-        slots = torch.tensor(self.blocks.slots(seq.block_table, 0, k.shape[2]))
+        slots = self._tensor(self.blocks.slots(seq.block_table, 0, k.shape[2]))
         for layer in range(k.shape[0]):
             self.cache.store(layer, slots, k[layer].transpose(0, 1), v[layer].transpose(0, 1))
         return k.shape[2]
 
+    def _wait_for_device(self) -> None:
+        """On a GPU, wait for the step's kernels so that its timestamps mean the compute's end
+        (the sampling right after would wait for them anyway)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
     def prefill(self, seqs: list[Sequence]) -> RunnerOutput:
         """One packed forward over whole prompts. Samples a token for each sequence (index
         num_generated); None for recomputes (their next token is known)."""
-        token_ids, positions, slots, cu_seqlens, prefix_slots = [], [], [], [0], []
+        token_ids, positions, slots, store_rows, cu_seqlens, prefix_slots = [], [], [], [], [0], []
         for seq in seqs:
             ids = seq.prefill_token_ids
             cached = self._load_prefix(seq)
             token_ids += ids[cached:]
             positions += range(cached, len(ids))
-            keep_kv = seq.kind is not Kind.PREFILL_ONLY
-            slots += self.blocks.slots(seq.block_table, cached, len(ids)) if keep_kv else [-1] * (len(ids) - cached)
+            if seq.kind is not Kind.PREFILL_ONLY:  # a prefill service's prompt K/V leaves, never stays
+                slots += self.blocks.slots(seq.block_table, cached, len(ids))
+                store_rows += range(cu_seqlens[-1], cu_seqlens[-1] + len(ids) - cached)
             cu_seqlens.append(cu_seqlens[-1] + len(ids) - cached)
-            prefix_slots.append(torch.tensor(self.blocks.slots(seq.block_table, 0, cached)) if cached else None)
+            prefix_slots.append(self._tensor(self.blocks.slots(seq.block_table, 0, cached)) if cached else None)
         batch = ForwardBatch(
-            token_ids=torch.tensor(token_ids),
-            positions=torch.tensor(positions),
+            token_ids=self._tensor(token_ids),
+            positions=self._tensor(positions),
             is_prefill=True,
             cu_seqlens=cu_seqlens,
-            slot_mapping=torch.tensor(slots),
+            slot_mapping=self._tensor(slots) if slots else None,
+            store_rows=None if len(store_rows) == len(token_ids) else self._tensor(store_rows),
             prefix_slots=prefix_slots,
         )
         hooks = [(self._hooks[seq.seq_id], cu_seqlens[i], cu_seqlens[i + 1])
@@ -118,37 +141,58 @@ class ModelRunner:
             for hook, start, end in hooks:  # each request's K/V: [Hkv, L, D]
                 hook(layer, k[start:end].transpose(0, 1), v[start:end].transpose(0, 1))
 
+        layer_kv = offload = None
+        if hooks:
+            layer_kv = offload = LayerKVOffload(self.device, on_layer_kv) if self.device.type == "cuda" else None
+            layer_kv = layer_kv or on_layer_kv
         start_ns = time.time_ns()
-        logits = self.model(batch, self.cache, on_layer_kv=on_layer_kv if hooks else None)  # [B, V]
+        logits = self.model(batch, self.cache, on_layer_kv=layer_kv)  # [B, V]
+        if offload is not None:
+            offload.drain()
+        self._wait_for_device()
         end_ns = time.time_ns()
-        failed: dict[int, str] = {}
-        sampled = [_sample_one(row, seq, failed) if seq.samples_after_prefill else None
-                   for seq, row in zip(seqs, logits)]
-        return RunnerOutput(sampled, start_ns, end_ns, failed)
+        return self._sample(seqs, logits, [seq.samples_after_prefill for seq in seqs], start_ns, end_ns)
 
     def decode(self, seqs: list[Sequence]) -> RunnerOutput:
         """Advance every sequence by one token (blocks for the new token already allocated)."""
-        max_blocks = max(len(s.block_table) for s in seqs)
-        block_tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs])
         positions = [s.num_cached_tokens for s in seqs]
-        batch = ForwardBatch(
-            token_ids=torch.tensor([s.last_token_id for s in seqs]),
-            positions=torch.tensor(positions),
-            is_prefill=False,
-            cu_seqlens=list(range(len(seqs) + 1)),
-            slot_mapping=torch.tensor([self.blocks.slots(s.block_table, p, p + 1)[0] for s, p in zip(seqs, positions)]),
-            block_tables=block_tables,
-            context_lens=torch.tensor(positions) + 1,
-            max_context_len=max(positions) + 1,
-        )
+        token_ids = [s.last_token_id for s in seqs]
+        slots = [self.blocks.slots(s.block_table, p, p + 1)[0] for s, p in zip(seqs, positions)]
+        max_blocks = max(len(s.block_table) for s in seqs)
         start_ns = time.time_ns()
-        logits = self.model(batch, self.cache)  # [B, V]
+        if self.graphs is not None and self.graphs.fits(len(seqs), max_blocks):
+            logits = self.graphs.run(token_ids, positions, slots, [s.block_table for s in seqs])
+        else:
+            host = torch.tensor([token_ids, positions, slots, [p + 1 for p in positions]])
+            step = host.to(self.device, non_blocking=True)  # one copy for the four vectors
+            block_tables = self._tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs])
+            batch = ForwardBatch(
+                token_ids=step[0],
+                positions=step[1],
+                is_prefill=False,
+                cu_seqlens=list(range(len(seqs) + 1)),
+                slot_mapping=step[2],
+                block_tables=block_tables,
+                context_lens=step[3],
+                max_context_len=max(positions) + 1,
+            )
+            logits = self.model(batch, self.cache)  # [B, V]
+        self._wait_for_device()
         end_ns = time.time_ns()
-        greedy = logits.argmax(dim=-1).tolist()  # one batched argmax serves every greedy sequence
+        return self._sample(seqs, logits, [True] * len(seqs), start_ns, end_ns)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, wanted: list[bool], start_ns: int,
+                end_ns: int) -> RunnerOutput:
+        """Each wanted sequence's next token from its logits row. One batched argmax on the
+        device serves every greedy sequence: only the token ids cross to the host. Seeded
+        sampling runs on the host, on that sequence's row alone: its draw is then the same
+        whichever device computed the logits, so a request that moves between a GPU engine and
+        a CPU one keeps its text."""
+        greedy = logits.argmax(dim=-1).tolist()
         failed: dict[int, str] = {}
         sampled: list[int | None] = [
-            greedy[i] if seq.sampling.is_greedy else _sample_one(row, seq, failed)
-            for i, (seq, row) in enumerate(zip(seqs, logits))
+            None if not want else greedy[i] if seq.sampling.is_greedy else _sample_one(logits[i].cpu(), seq, failed)
+            for i, (seq, want) in enumerate(zip(seqs, wanted))
         ]
         return RunnerOutput(sampled, start_ns, end_ns, failed)
 

@@ -17,20 +17,23 @@ from edgellm.quant.linear import Int4Embedding, Int4Linear, resolve_kernel
 
 
 def apply_int4(
-    model: LlamaModel, quantized: dict[str, QuantizedWeight], dtype: torch.dtype, kernel: str = "auto"
+    model: LlamaModel, quantized: dict[str, QuantizedWeight], dtype: torch.dtype, kernel: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> LlamaModel:
     """Swap the quantized layers in (in place), on `kernel` ("auto", "c" or "torch", see
-    quant/linear.py), and cast what stays dense (norms, an untied embedding, an unquantized LM
-    head) to `dtype`, the decode service's activation dtype."""
+    quant/linear.py; on a CUDA device always torch's CUDA kernel), and cast what stays dense
+    (norms, an untied embedding, an unquantized LM head) to `dtype`, the decode service's
+    activation dtype. The INT4 layers are built on `device`; the caller moves the rest."""
     quantized = dict(quantized)
-    kernel = resolve_kernel(kernel)
+    kernel = resolve_kernel(kernel, device)
     for i, layer in enumerate(model.layers):
         attn, mlp = f"layers.{i}.self_attn", f"layers.{i}.mlp"
-        fuse(quantized, layer.self_attn, "qkv_proj", [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], kernel)
-        fuse(quantized, layer.mlp, "gate_up_proj", [f"{mlp}.gate_proj", f"{mlp}.up_proj"], kernel)
+        fuse(quantized, layer.self_attn, "qkv_proj", [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], kernel,
+             device)
+        fuse(quantized, layer.mlp, "gate_up_proj", [f"{mlp}.gate_proj", f"{mlp}.up_proj"], kernel, device)
     for name, weight in quantized.items():
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, Int4Linear(weight, kernel))
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, Int4Linear(weight, kernel, device))
     if model.arch.tie_word_embeddings and isinstance(model.lm_head, Int4Linear):
         model.embed_tokens = Int4Embedding(model.lm_head, dtype)
     for module in model.modules():
@@ -42,7 +45,8 @@ def apply_int4(
 
 
 def fuse(
-    quantized: dict[str, QuantizedWeight], parent: nn.Module, fused_attr: str, names: list[str], kernel: str
+    quantized: dict[str, QuantizedWeight], parent: nn.Module, fused_attr: str, names: list[str], kernel: str,
+    device: torch.device | str = "cpu",
 ) -> None:
     """Stack layers' INT4 weights along the output dimension into parent.<fused_attr> and drop
     the separate layers. Skipped unless all are quantized alike (group size, outlier channels)."""
@@ -61,7 +65,7 @@ def fuse(
         channels[0],
         None if channels[0] is None else torch.cat([p.outlier_residual for p in parts]),
     )
-    setattr(parent, fused_attr, Int4Linear(fused, kernel))
+    setattr(parent, fused_attr, Int4Linear(fused, kernel, device))
     for name in names:
         delattr(parent, name.rpartition(".")[2])
         del quantized[name]

@@ -1,4 +1,5 @@
-"""Int4Linear: y = x @ W.T with W an INT4 QuantizedWeight, on one of two CPU kernels.
+"""Int4Linear: y = x @ W.T with W an INT4 QuantizedWeight, on one of two CPU kernels or, on a
+GPU, torch's CUDA int4 kernel.
 
 - "c" (default where a C compiler exists): our kernel (kernels/int4_cpu.c via
   quant/cpu_kernel.py). It reads the 8-bit parameter codes as they are: 4.5 bits a weight at
@@ -9,9 +10,13 @@
   It needs each group's scale and zero as bf16, so the parameters are expanded at load time
   (5 bits a weight at group 32). Used where the C kernel cannot be built, and for comparison.
 
-Both compute with exactly the dequantized weight (grid values are exact in bf16), so tests
+- "cuda": torch's CUDA kernel (`aten._weight_int4pack_mm`, tinygemm, bf16 activations), for
+  an engine on a GPU. The same portable checkpoint is packed at load time into its tiled
+  layout (`_convert_weight_to_int4pack`), with bf16 scales and zeros like "torch".
+
+All compute with exactly the dequantized weight (grid values are exact in bf16), so tests
 hold each to QuantizedWeight.dequantize(). Outlier channels: the C kernel adds them in the
-same call; on torch's kernel (and the dense path) they are a side matmul.
+same call; on torch's kernels (and the dense path) they are a side matmul on the same device.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ DENSE_MIN_ROWS = 64  # from this many input rows on, dequantize + dense matmul b
 DENSE_SLICE_ROWS = 4096  # output rows dequantized at a time (bounds the fp32 scratch: 9 MiB at K=576)
 
 
-def resolve_kernel(kernel: str = "auto") -> str:
-    """"c" or "torch" for the --int4-kernel option: "auto" is "c" where the C kernel builds
-    (once per machine), else "torch"; "c" raises where it does not."""
+def resolve_kernel(kernel: str = "auto", device: torch.device | str = "cpu") -> str:
+    """The kernel an Int4Linear on `device` uses. On CUDA always "cuda" (--int4-kernel picks
+    among CPU kernels). On the CPU, --int4-kernel's "c" or "torch": "auto" is "c" where the C
+    kernel builds (once per machine), else "torch"; "c" raises where it does not."""
+    if torch.device(device).type == "cuda":
+        return "cuda"
     if kernel == "auto":
         return "c" if cpu_kernel.library() is not None else "torch"
     if kernel == "c" and cpu_kernel.library() is None:
@@ -45,9 +53,9 @@ def resolve_kernel(kernel: str = "auto") -> str:
 class Int4Linear(nn.Module):
     """An INT4 linear layer on `kernel` ("auto", "c" or "torch"; see resolve_kernel)."""
 
-    def __init__(self, weight: QuantizedWeight, kernel: str = "auto") -> None:
+    def __init__(self, weight: QuantizedWeight, kernel: str = "auto", device: torch.device | str = "cpu") -> None:
         super().__init__()
-        self.kernel = resolve_kernel(kernel)
+        self.kernel = resolve_kernel(kernel, device)
         self.out_features, self.in_features = weight.codes.shape
         self.group_size = weight.group_size
         self.outlier_channels = weight.outlier_channels
@@ -59,6 +67,8 @@ class Int4Linear(nn.Module):
         )
         if self.kernel == "c":
             self._init_c(weight)
+        elif self.kernel == "cuda":
+            self._init_cuda(weight, torch.device(device))
         else:
             self._init_torch(weight)
 
@@ -176,21 +186,50 @@ class Int4Linear(nn.Module):
         sz = self.scales_and_zeros[:, index].float()  # [K/g, R, 2]
         return codes, sz[..., 0].t(), sz[..., 1].t()
 
-    # ---- either ------------------------------------------------------------------------------
+    # ---- torch's CUDA kernel -------------------------------------------------------------------
+    def _init_cuda(self, weight: QuantizedWeight, device: torch.device) -> None:
+        n, k = weight.codes.shape
+        pad = -n % TINYGEMM_N_MULTIPLE
+        codes = F.pad(weight.codes, (0, 0, 0, pad)).to(device)
+        self.register_buffer(
+            "packed", torch.ops.aten._convert_weight_to_int4pack(pack_for_tinygemm(codes), tinygemm_inner_k_tiles(k))
+        )
+        scales_and_zeros = torch.stack([weight.scales.t(), weight.zeros.t()], -1).bfloat16()  # [K/g, N, 2]
+        self.register_buffer("scales_and_zeros", F.pad(scales_and_zeros, (0, 0, 0, pad)).contiguous().to(device))
+        # Embedding rows (a tied LM head) read plain codes: the tiled layout is the kernel's own.
+        self._plain_codes = pack_nibbles(weight.codes).to(device)
+        if self.outlier_channels is not None:
+            self.outlier_channels = self.outlier_channels.long().to(device)
+            self.outlier_residual_t = self.outlier_residual_t.to(device)
+
+    def _matmul_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int4pack_mm(
+            x.to(torch.bfloat16).contiguous(), self.packed, self.group_size, self.scales_and_zeros
+        )
+        return out if out.shape[1] == self.out_features else out[:, : self.out_features]
+
+    # ---- any ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "c":
             out = self._matmul_c(x2)
         else:
-            out = self._matmul_torch(x2)
+            out = self._matmul_cuda(x2) if self.kernel == "cuda" else self._matmul_torch(x2)
             if self.outlier_channels is not None:
                 out = out + self._outlier_side(x2).to(out.dtype)
         return out.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Dequantized rows W[index] in bf16: the embedding lookup of a tied LM head."""
-        codes, scales, zeros = self._rows_c(index) if self.kernel == "c" else self._rows_torch(index)
+        if self.kernel == "c":
+            codes, scales, zeros = self._rows_c(index)
+        elif self.kernel == "cuda":
+            codes = unpack_nibbles(self._plain_codes[index])
+            sz = self.scales_and_zeros[:, index].float()  # [K/g, R, 2]
+            scales, zeros = sz[..., 0].t(), sz[..., 1].t()
+        else:
+            codes, scales, zeros = self._rows_torch(index)
         groups = codes.view(len(index), -1, self.group_size).float() - 8
         rows = (groups * scales[..., None] + zeros[..., None]).view(len(index), -1)
         if self.outlier_channels is not None:
@@ -214,6 +253,24 @@ class Int4Embedding(nn.Module):
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.table[0].rows(token_ids.reshape(-1)).to(self.dtype).view(*token_ids.shape, -1)
+
+
+TINYGEMM_N_MULTIPLE = 8  # output rows torch's CUDA int4 packing needs (rows are padded up to it)
+
+
+def tinygemm_inner_k_tiles(in_features: int) -> int:
+    """The CUDA packing's innerKTiles: the largest of 8, 4, 2 with in_features a multiple of
+    16 x it (576, SmolLM2's hidden size, takes 4)."""
+    for tiles in (8, 4, 2):
+        if in_features % (16 * tiles) == 0:
+            return tiles
+    raise ValueError(f"input width {in_features} is not a multiple of 32 (torch's CUDA int4 kernel)")
+
+
+def pack_for_tinygemm(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] in [0, 15] -> uint8 [N, K/2] as `_convert_weight_to_int4pack` takes them
+    (torch >= 2.5): even k in the HIGH nibble (the checkpoint keeps it in the low one)."""
+    return (codes[:, 0::2] << 4) | codes[:, 1::2]
 
 
 @functools.cache

@@ -150,10 +150,11 @@ def _prepare_on_worker_thread(model: str, settings: Int4Settings, num_threads: i
 
 
 def load_int4_model(
-    model: str, settings: Int4Settings, path: str = "", num_threads: int = 1, kernel: str = "auto"
+    model: str, settings: Int4Settings, path: str = "", num_threads: int = 1, kernel: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> LoadedModel:
-    """The decode model with INT4 weights (bf16 activations) on `kernel` (quant/linear.py),
-    built from the checkpoint at `path` (default: the cache, made now if missing, with
+    """The decode model with INT4 weights (bf16 activations) on `kernel` (quant/linear.py) and
+    `device`, built from the checkpoint at `path` (default: the cache, made now if missing, with
     num_threads). A corrupt or mismatched file raises checkpoint.CheckpointError."""
     from transformers import AutoConfig
 
@@ -169,7 +170,8 @@ def load_int4_model(
         dense["lm_head.weight"] = dense["embed_tokens.weight"]
     llama.load_state_dict(dense, strict=False, assign=True)
     llama.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
-    apply_int4(llama, quantized, torch.bfloat16, kernel)
+    apply_int4(llama, quantized, torch.bfloat16, kernel, device)
+    llama.to(device)  # what stays dense (norms, an untied embedding); the INT4 layers are there already
     missing = [n for n, p in llama.named_parameters() if p.is_meta]
     if missing:
         raise checkpoint.CheckpointError(f"quantized checkpoint {file} lacks weights for {missing[:5]}")

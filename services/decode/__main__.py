@@ -11,6 +11,7 @@ from edgellm import config as cfg
 from edgellm import logs, metrics
 from edgellm.placement import pin_process
 from edgellm.engine.weights import TORCH_DTYPES
+from edgellm.device import DeviceUnavailable
 from edgellm.engine_builder import build_engine
 from edgellm.quant.checkpoint import CheckpointError
 from edgellm.rpc.security import ClusterSecurity, SecurityError
@@ -22,8 +23,7 @@ from services.decode.servicer import DecodeServicer
 
 async def run(config: cfg.Config) -> None:
     security = ClusterSecurity.for_service(config, "decode")  # before the model loads: a wrong file fails fast
-    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("decode"), "decode",
-                                  config.limits.max_waiting_sequences)
+    engine, loaded = build_engine(config, "decode")
     # Unclaimed KV (a request whose first token already finished it, or whose gateway went away) expires.
     info = engine.info
     store = KVStore(info.num_layers, info.num_kv_heads, info.head_dim, TORCH_DTYPES[info.dtype],
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except SecurityError as e:  # a credential or TLS file that cannot be used: never served
         structlog.get_logger("decode").error("refused_to_start", error=str(e))
+        sys.exit(2)
+    except DeviceUnavailable as e:  # --decode-device names a GPU this machine cannot use: never a silent CPU
+        structlog.get_logger("decode").error("device_unavailable", error=str(e))
         sys.exit(2)
 
 

@@ -11,6 +11,7 @@ import uvloop
 from edgellm import config as cfg
 from edgellm import logs, metrics
 from edgellm.placement import pin_process
+from edgellm.device import DeviceUnavailable
 from edgellm.engine_builder import build_engine
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.routes import follow_routes
@@ -23,8 +24,7 @@ from services.prefill.servicer import PrefillServicer
 
 async def run(config: cfg.Config) -> None:
     security = ClusterSecurity.for_service(config, "prefill")  # before the model loads: a wrong file fails fast
-    engine, loaded = build_engine(config.model, config.engine, config.placement.threads("prefill"), "prefill",
-                                  config.limits.max_waiting_sequences)
+    engine, loaded = build_engine(config, "prefill")
     # KV goes only to decode services of the monitor's route table (followed on its own channel).
     routes = DecodeRoutes()
     channels = ChannelPool(security, admit=routes.admits)
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.run(run(config))
     except SecurityError as e:  # a credential or TLS file that cannot be used: never served
         structlog.get_logger("prefill").error("refused_to_start", error=str(e))
+        sys.exit(2)
+    except DeviceUnavailable as e:  # --prefill-device names a GPU this machine cannot use: never a silent CPU
+        structlog.get_logger("prefill").error("device_unavailable", error=str(e))
         sys.exit(2)
 
 
