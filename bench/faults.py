@@ -7,8 +7,12 @@ misses), but for the precision:
   kill9         kill -9 of the only decode service: streams go on in degraded mode (prefill decodes),
                 reusing the prompt KV the prefill service kept (hot backup, --kv-backup-mb)
   kill9-no-backup  the same with the hot backup off (--kv-backup-mb 0): the prompts are recomputed
-  sigstop       SIGSTOP of the only decode service: hung, its TCP open; found by the monitor
-  kill9-of-two  two decode services, one killed: its streams move to the other
+  sigstop       SIGSTOP of the only decode service: hung, its TCP open; found by the streams'
+                liveness pings (or the monitor, whichever is first)
+  cut-link      the only decode service reached through a TCP proxy that stops moving bytes (a
+                pulled cable: no reset, no close)
+  kill9-of-two  two decode services, one killed: its streams move to the other, whose KV comes
+                from the prefill service's kept prompt KV plus the streamed tokens only
 
 Both phases run fp32 (`--prefill-dtype fp32 --decode-weights fp32`, as issue 6's acceptance
 asks) so that a migrated stream can be compared token for token with a run without a fault.
@@ -22,6 +26,10 @@ every stream has --after-tokens tokens. Reported:
                           surviving service are reported apart
   tok/s before/during/after  aggregate tokens per second in the 3 s before the fault, from the fault
                           until the slowest stream recovered, and from then to the end
+  phases p50/p99          per affected stream, from the gateway's log: detection (the fault to the
+                          gateway's path_failed), route wait (to the takeover's routed), takeover
+                          (to the takeover's first token at the gateway: queueing, re-prefill of
+                          the streamed tokens, KV transfer, the first new token)
 
 Writes bench/results/faults.json and prints a table.
 """
@@ -34,11 +42,13 @@ import json
 import pathlib
 import signal
 import sys
+import time
 from typing import Any
 
 from bench.stacks import started_stack
 from bench.streams import FaultRun, run_with_fault_sync
 from edgellm.launch import free_port
+from edgellm.linkproxy import LinkProxy
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRECISION = ("--prefill-dtype", "fp32", "--decode-weights", "fp32")
@@ -62,6 +72,7 @@ def scenarios() -> dict[str, tuple[tuple[str, ...], str, int]]:
         "kill9": ((), "decode", signal.SIGKILL),
         "kill9-no-backup": (("--kv-backup-mb", "0"), "decode", signal.SIGKILL),
         "sigstop": ((), "decode", signal.SIGSTOP),
+        "cut-link": ((), "link", 0),
         "kill9-of-two": (two, "decode2", signal.SIGKILL),
     }
 
@@ -80,18 +91,31 @@ def tokens_per_s(run: FaultRun, start: float, end: float) -> float:
     return count / (end - start)
 
 
-def migrated_request_ids(log_dir: str) -> set[str]:
-    """Requests whose path failed, from the gateway's log (its `path_failed` events)."""
-    ids = set()
+def phases(log_dir: str, fault_unix: float) -> dict[str, dict[str, float]]:
+    """Per request whose path failed at or after fault_unix: its first failure's detection time
+    (s after the fault) and its first takeover's route wait and takeover time (the gateway's
+    `path_failed` and `resumed` events)."""
+    out: dict[str, dict[str, float]] = {}
     with open(pathlib.Path(log_dir) / "gateway.log") as f:
         for line in f:
-            if '"path_failed"' in line:
-                ids.add(json.loads(line)["request_id"])
-    return ids
+            if '"path_failed"' not in line and '"resumed"' not in line:
+                continue
+            event = json.loads(line)
+            at = datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+            if at < fault_unix:
+                continue
+            row = out.setdefault(event["request_id"], {})
+            if event["event"] == "path_failed":
+                row.setdefault("detect_s", at - fault_unix)
+            elif "takeover_s" not in row:
+                row["route_wait_s"], row["takeover_s"] = event["route_wait_s"], event["takeover_s"]
+    return out
 
 
-def summarize(name: str, run: FaultRun, expected: list[list[int]], affected: set[str]) -> dict[str, Any]:
+def summarize(name: str, run: FaultRun, expected: list[list[int]], by_request: dict[str, dict[str, float]]
+              ) -> dict[str, Any]:
     assert run.fault_at is not None
+    affected = set(by_request)
     recoveries = [s for s in (r.recovery_s(run.fault_at) for r in run.streams if r.request_id in affected)
                   if s is not None]
     others = [s for s in (r.recovery_s(run.fault_at) for r in run.streams if r.request_id not in affected)
@@ -117,21 +141,40 @@ def summarize(name: str, run: FaultRun, expected: list[list[int]], affected: set
         "tok_s_before": tokens_per_s(run, run.fault_at - 3.0, run.fault_at),
         "tok_s_during": tokens_per_s(run, run.fault_at, recovered_at),
         "tok_s_after": tokens_per_s(run, recovered_at, run.ended_at),
+        **{f"{phase}_{q}": percentile([r[f"{phase}_s"] for r in by_request.values() if f"{phase}_s" in r], p)
+           for phase in ("detect", "route_wait", "takeover") for q, p in (("p50_s", 0.5), ("p99_s", 0.99))},
     }
 
 
 def run_scenario(name: str, flags: tuple[str, ...], target: str, sig: int, args: argparse.Namespace) -> dict[str, Any]:
     texts = prompts(args.streams)
-    with started_stack("default", (*PRECISION, *flags)) as (stack, description):
-        gateway = stack.address("gateway")
-        baseline = run_with_fault_sync(gateway, texts, args.max_tokens)
-        expected = [r.token_ids for r in baseline.streams]
-        run = run_with_fault_sync(gateway, texts, args.max_tokens, fault=lambda: stack.kill(target, sig),
-                                  after_tokens=args.after_tokens)
-        if sig == signal.SIGSTOP:
-            stack.kill(target, signal.SIGCONT)
-        affected = migrated_request_ids(stack.log_dir)
-    row = summarize(name, run, expected, affected)
+    proxy, stack_options = None, {}
+    if target == "link":  # decode behind a proxy the fault cuts
+        decode_port = free_port()
+        proxy = LinkProxy(f"127.0.0.1:{decode_port}").start_in_thread()
+        flags = (*flags, "--decode-addrs", proxy.address)
+        stack_options = {"process_args": {"decode": ["--decode-port", str(decode_port)]}}
+    fault_unix = 0.0
+
+    def fault(stack) -> None:
+        nonlocal fault_unix
+        fault_unix = time.time()
+        proxy.cut() if proxy is not None else stack.kill(target, sig)
+
+    try:
+        with started_stack("default", (*PRECISION, *flags), **stack_options) as (stack, description):
+            gateway = stack.address("gateway")
+            baseline = run_with_fault_sync(gateway, texts, args.max_tokens)
+            expected = [r.token_ids for r in baseline.streams]
+            run = run_with_fault_sync(gateway, texts, args.max_tokens, fault=lambda: fault(stack),
+                                      after_tokens=args.after_tokens)
+            if sig == signal.SIGSTOP:
+                stack.kill(target, signal.SIGCONT)
+            by_request = phases(stack.log_dir, fault_unix)
+    finally:
+        if proxy is not None:
+            proxy.restore()
+    row = summarize(name, run, expected, by_request)
     row["stack"] = description
     print(f"{name}: {row['completed']}/{row['streams']} completed, {row['identical']} identical, recovery p50 "
           f"{row['recovery_p50_s']:.2f} s p99 {row['recovery_p99_s']:.2f} s", file=sys.stderr, flush=True)
@@ -145,6 +188,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append(f"| {r['scenario']} | {r['completed']}/{r['streams']} | {r['lost']} | {r['identical']}/{r['streams']} | "
                    f"{r['affected']} | {r['recovery_p50_s']:.2f} | {r['recovery_p99_s']:.2f} | {r['tok_s_before']:.0f} | "
                    f"{r['tok_s_during']:.0f} | {r['tok_s_after']:.0f} |")
+    out += ["", "| scenario | detection p50 / p99 s | route wait p50 / p99 s | takeover p50 / p99 s | recovery p99 s |",
+            "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['scenario']} | {r['detect_p50_s']:.2f} / {r['detect_p99_s']:.2f} | "
+                   f"{r['route_wait_p50_s']:.2f} / {r['route_wait_p99_s']:.2f} | "
+                   f"{r['takeover_p50_s']:.2f} / {r['takeover_p99_s']:.2f} | {r['recovery_p99_s']:.2f} |")
     return "\n".join(out)
 
 

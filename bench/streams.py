@@ -75,7 +75,10 @@ async def run_with_fault(
     fault: Callable[[], None] | None = None,
     after_tokens: int = 5,
     timeout_s: float = 300.0,
+    fault_after_s: float | None = None,
 ) -> FaultRun:
+    """fault_after_s: call fault() this long after the requests went out instead of once every
+    stream has after_tokens tokens (a fault that must land while prompts are still prefilling)."""
     records = [StreamRecord(p) for p in prompts]
     ready = [asyncio.Event() for _ in prompts]
     started = time.monotonic()
@@ -83,7 +86,10 @@ async def run_with_fault(
         tasks = [asyncio.create_task(_stream(client, r, max_tokens, e, after_tokens)) for r, e in zip(records, ready)]
         fault_at = None
         if fault is not None:
-            await asyncio.gather(*(e.wait() for e in ready))
+            if fault_after_s is not None:
+                await asyncio.sleep(fault_after_s)
+            else:
+                await asyncio.gather(*(e.wait() for e in ready))
             fault_at = time.monotonic()
             await asyncio.to_thread(fault)
         await asyncio.gather(*tasks)

@@ -49,6 +49,9 @@ def _up(argv: list[str]) -> int:
         # The token is made per run unless given; `edgellm status` needs it to read the monitor.
         print(f"Cluster token: {stack.config.security.cluster_token_file}   (edgellm status --cluster-token-file "
               "PATH, or EDGELLM_CLUSTER_TOKEN_FILE)", flush=True)
+        if config.network.gateway_http_port:
+            print(f"  OpenAI-compatible HTTP API: http://{config.network.host}:{config.network.gateway_http_port}/v1",
+                  flush=True)
         print("Try: edgellm generate 'What is the capital of France?'   (Ctrl-C stops all)", flush=True)
         while not stop.is_set():
             for name, proc in stack.procs.items():

@@ -51,8 +51,9 @@ def free_port() -> int:
 
 
 def free_port_argv() -> list[str]:
-    """--<service>-port and --<service>-metrics-port flags with free ports for the four services."""
-    flags = [f"--{name}{kind}-port" for name in SERVICES for kind in ("", "-metrics")]
+    """--<service>-port and --<service>-metrics-port flags with free ports for the four services,
+    and --gateway-http-port (the OpenAI-compatible HTTP API)."""
+    flags = [f"--{name}{kind}-port" for name in SERVICES for kind in ("", "-metrics")] + ["--gateway-http-port"]
     return [arg for flag in flags for arg in (flag, str(free_port()))]
 
 

@@ -23,6 +23,12 @@ PROMPT_TOKENS = Counter("edgellm_prompt_tokens_total", "Prompt tokens of accepte
 GENERATED_TOKENS = Counter("edgellm_generated_tokens_total", "Tokens streamed to clients")
 TTFT = Histogram("edgellm_ttft_seconds", "Time to first token at the gateway", buckets=_LATENCY_BUCKETS)
 TPOT = Histogram("edgellm_tpot_seconds", "Mean time per output token after the first", buckets=_LATENCY_BUCKETS)
+# gateway: per caller (label `key`: the API key's fingerprint, "-" for a gateway without keys)
+KEY_REQUESTS = Counter("edgellm_key_requests_total", "Requests admitted past the rate limits, per API key", ["key"])
+KEY_TOKENS = Counter("edgellm_key_tokens_total", "Tokens used per API key (kind: prompt, completion)",
+                     ["key", "kind"])
+RATE_LIMITED = Counter("edgellm_rate_limited_total", "Requests refused over a per-key budget (limit: the option)",
+                       ["key", "limit"])
 # gateway: fault tolerance
 MIGRATIONS = Counter(
     "edgellm_migrations_total", "In-flight requests moved to another service after theirs failed", ["reason", "to"]

@@ -186,8 +186,12 @@ class MonitorConfig:
     health_timeout_s: float
     down_after: int
     up_after: int
+    stream_ping_after_ms: int
+    stream_ping_timeout_ms: int
 
     def __post_init__(self) -> None:
+        if self.stream_ping_after_ms < 0 or self.stream_ping_timeout_ms < 1:
+            raise ValueError("stream_ping_after_ms must be >= 0 and stream_ping_timeout_ms >= 1")
         if self.health_interval_s <= 0 or self.health_timeout_s <= 0:
             raise ValueError("health_interval_s and health_timeout_s must be > 0")
         if self.down_after < 1 or self.up_after < 1:

@@ -26,9 +26,9 @@ class ForwardBatch:
     block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] (padded with 0)
     context_lens: torch.Tensor | None = None  # decode: [B] tokens in context, the new one included
     max_context_len: int = 0
-    # prefill: cache slots of each sequence's cached prefix (its new tokens attend to those first);
-    # None or an empty tensor: no prefix
-    prefix_slots: list[torch.Tensor | None] | None = None
+    # prefill: each sequence's kept prefix K/V, [L, C, Hkv, D] each (its new tokens, at positions
+    # C on, attend to those first); None: no prefix
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
 
 @dataclass(frozen=True)

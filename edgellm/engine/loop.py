@@ -205,13 +205,13 @@ class EngineLoop:
         thread for each sampled token, emit(None, "error") if a step fails or this sequence
         alone fails (then seq.error says why); set seq.cancelled
         to stop it. staged_kv (FROM_KV, required there): the prompt's K/V from a prefill
-        service, [L, Hkv, P, D] each. prefix_kv (LOCAL): K/V of the first C tokens kept from an
-        earlier prefill here, ignored if it covers every token to prefill. on_layer_kv: where
+        service, [L, Hkv, P, D] each. prefix_kv (LOCAL, PREFILL_ONLY): K/V of the first C tokens kept
+        from an earlier prefill here, ignored if it covers every token to prefill. on_layer_kv: where
         each layer's K/V of the prefill goes."""
         if (seq.kind is Kind.FROM_KV) != (staged_kv is not None):
             raise ValueError("staged_kv is required for a FROM_KV sequence, and only there")
         num_prefix = 0 if prefix_kv is None else prefix_kv[0].shape[2]
-        if seq.kind is not Kind.LOCAL or num_prefix >= len(seq.prefill_token_ids):
+        if seq.kind is Kind.FROM_KV or num_prefix >= len(seq.prefill_token_ids):
             prefix_kv, num_prefix = None, 0  # a prefix covering every token to prefill would leave none to run
         seq.has_staged_kv = staged_kv is not None
         seq.num_prefix_tokens = num_prefix
@@ -244,12 +244,15 @@ class EngineLoop:
         max_new_tokens: int,
         on_layer_kv: LayerKVHook,
         num_generated: int = 0,
+        prefix_kv: KV | None = None,
     ) -> PrefillResult:
-        """Prefill only: the K/V of every token goes to on_layer_kv layer by layer; returns the
-        token sampled next (index num_generated: token_ids ends with the tokens a failed decode
-        service already produced, when this is a takeover)."""
+        """Prefill only: the K/V of every token computed goes to on_layer_kv layer by layer;
+        returns the token sampled next (index num_generated: token_ids ends with the tokens a
+        failed decode service already produced, when this is a takeover). With prefix_kv (K/V
+        of the first C tokens, kept from an earlier prefill here) only the tokens after them are
+        computed, and on_layer_kv gets theirs alone."""
         seq = self.new_sequence(request_id, Kind.PREFILL_ONLY, token_ids, sampling, max_new_tokens, num_generated)
-        async for token, finish in self._stream(seq, on_layer_kv=on_layer_kv):
+        async for token, finish in self._stream(seq, on_layer_kv=on_layer_kv, prefix_kv=prefix_kv):
             return PrefillResult(token, finish, len(token_ids), seq.forward_start_unix_ns, seq.forward_end_unix_ns)
         raise EngineError(f"prefill of {request_id} produced no token")
 

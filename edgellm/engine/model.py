@@ -137,10 +137,8 @@ class Attention(nn.Module):
             rows = batch.store_rows
             cache.store(layer, batch.slot_mapping, k if rows is None else k[rows], v if rows is None else v[rows])
         if batch.is_prefill:
-            prefixes = batch.prefix_slots or [None] * (len(batch.cu_seqlens) - 1)
-            if any(p is not None and len(p) for p in prefixes):
-                assert cache is not None, "a cached prefix is read from the paged cache"
-                prefixes = [None if p is None or not len(p) else (cache.k[layer][p], cache.v[layer][p]) for p in prefixes]
+            prefixes = [None if p is None else (p[0][layer], p[1][layer])
+                        for p in batch.prefix_kv or [None] * (len(batch.cu_seqlens) - 1)]
             out = self._prefill_attention(q, k, v, batch.cu_seqlens, prefixes)
         else:
             assert cache is not None and context is not None, "decode reads the paged cache"

@@ -5,8 +5,9 @@ It also keeps the tensors that belong to one sequence, keyed by its seq_id, from
 the loop hands the sequence to the scheduler until it leaves:
   staged K/V      FROM_KV: the prompt's K/V from a prefill service, copied into the
                   sequence's blocks when the scheduler admits it, then dropped
-  prefix K/V      LOCAL: K/V of the first tokens kept from an earlier prefill, copied in by
-                  the sequence's first prefill, then dropped
+  prefix K/V      K/V of the first tokens kept from an earlier prefill (a takeover's prompt):
+                  its first prefill computes only the tokens after them; a LOCAL sequence
+                  also copies them into its blocks. Then dropped
   layer-KV hook   PREFILL_ONLY: where each layer's K/V of the prompt goes
 release(seq_id) drops whatever is left when the sequence finishes, fails or is cancelled.
 The runner reads sequences but never changes them: postprocess.py records what it did.
@@ -90,17 +91,22 @@ class ModelRunner:
         for layer in range(k.shape[0]):
             self.cache.store(layer, slots, k[layer].transpose(0, 1), v[layer].transpose(0, 1))
 
-    def _load_prefix(self, seq: Sequence) -> int:
-        """Copy a LOCAL sequence's kept prefix K/V into its blocks; returns how many tokens it covers."""
+    def _take_prefix(self, seq: Sequence) -> KV | None:
+        """A sequence's kept prefix K/V, on this device in the cache's dtype as [L, C, Hkv, D]
+        each, for its prefill's attention; None without one. A LOCAL sequence's prefix also goes
+        into its blocks (its decode reads it there); a PREFILL_ONLY one has no blocks (its K/V
+        leaves for a decode service)."""
         if not seq.num_prefix_tokens:
-            return 0
-        assert seq.kind is Kind.LOCAL, "only a local sequence's prefill reads a cached prefix"
+            return None
         k, v = self._prefixes.pop(seq.seq_id)  # [L, Hkv, C, D]
         assert k.shape[2] == seq.num_prefix_tokens
-        slots = self._tensor(self.blocks.slots(seq.block_table, 0, k.shape[2]))
-        for layer in range(k.shape[0]):
-            self.cache.store(layer, slots, k[layer].transpose(0, 1), v[layer].transpose(0, 1))
-        return k.shape[2]
+        dtype = self.cache.k[0].dtype
+        k, v = (t.to(device=self.device, dtype=dtype).transpose(1, 2) for t in (k, v))
+        if seq.kind is Kind.LOCAL:
+            slots = self._tensor(self.blocks.slots(seq.block_table, 0, k.shape[1]))
+            for layer in range(k.shape[0]):
+                self.cache.store(layer, slots, k[layer], v[layer])
+        return k, v
 
     def _wait_for_device(self) -> None:
         """On a GPU, wait for the step's kernels so that its timestamps mean the compute's end
@@ -114,17 +120,18 @@ class ModelRunner:
     def prefill(self, seqs: list[Sequence]) -> RunnerOutput:
         """One packed forward over whole prompts. Samples a token for each sequence (index
         num_generated); None for recomputes (their next token is known)."""
-        token_ids, positions, slots, store_rows, cu_seqlens, prefix_slots = [], [], [], [], [0], []
+        token_ids, positions, slots, store_rows, cu_seqlens, prefixes = [], [], [], [], [0], []
         for seq in seqs:
             ids = seq.prefill_token_ids
-            cached = self._load_prefix(seq)
+            prefix = self._take_prefix(seq)
+            cached = 0 if prefix is None else prefix[0].shape[1]
             token_ids += ids[cached:]
             positions += range(cached, len(ids))
             if seq.kind is not Kind.PREFILL_ONLY:  # a prefill service's prompt K/V leaves, never stays
                 slots += self.blocks.slots(seq.block_table, cached, len(ids))
                 store_rows += range(cu_seqlens[-1], cu_seqlens[-1] + len(ids) - cached)
             cu_seqlens.append(cu_seqlens[-1] + len(ids) - cached)
-            prefix_slots.append(self._tensor(self.blocks.slots(seq.block_table, 0, cached)) if cached else None)
+            prefixes.append(prefix)
         batch = ForwardBatch(
             token_ids=self._tensor(token_ids),
             positions=self._tensor(positions),
@@ -132,7 +139,7 @@ class ModelRunner:
             cu_seqlens=cu_seqlens,
             slot_mapping=self._tensor(slots) if slots else None,
             store_rows=None if len(store_rows) == len(token_ids) else self._tensor(store_rows),
-            prefix_slots=prefix_slots,
+            prefix_kv=prefixes,
         )
         hooks = [(self._hooks[seq.seq_id], cu_seqlens[i], cu_seqlens[i + 1])
                  for i, seq in enumerate(seqs) if seq.seq_id in self._hooks]

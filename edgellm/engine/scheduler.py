@@ -2,7 +2,8 @@
 
 One step is either
   a prefill batch: waiting sequences that need a forward pass over whole prompts, packed up
-      to max_batch_tokens (prefill first, for time to first token), or
+      to max_batch_tokens (prefill first, for time to first token; takeovers of streams that
+      moved here after a failure before new prompts), or
   a decode step: every running sequence advances one token.
 After max_consecutive_prefills prefill batches in a row, a decode step runs even if more
 prompts wait, so running sequences never starve. Sequences whose prompt KV arrived from a
@@ -105,7 +106,9 @@ class Scheduler:
 
     def _schedule_prefills(self, out: SchedulerOutput) -> None:
         num_tokens = 0
-        for seq in [s for s in self.waiting if s.needs_prefill]:
+        # Takeovers first (a request that already streamed tokens and moved here after a failure:
+        # its client is waiting mid-answer), then new prompts; each in arrival order.
+        for seq in sorted((s for s in self.waiting if s.needs_prefill), key=lambda s: s.num_generated == 0):
             n = len(seq.prefill_token_ids)
             if out.prefills and num_tokens + n > self.max_batch_tokens:
                 break  # a prompt longer than the budget still runs, alone

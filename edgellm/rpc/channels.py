@@ -14,6 +14,7 @@ from typing import Awaitable, Callable, Collection
 
 import grpc
 
+from edgellm.config import MonitorConfig
 from edgellm.rpc.security import OPEN, ClusterSecurity
 from edgellm.rpc.server import MAX_MESSAGE_BYTES
 
@@ -27,10 +28,46 @@ CHANNEL_OPTIONS = [
 ]
 
 
+def liveness_options(ping_after_ms: int, ping_timeout_ms: int) -> list[tuple[str, int]]:
+    """Channel options that find a hung or cut-off peer within about ping_after_ms +
+    ping_timeout_ms of its last message (measured: 0.25-0.3 s at 100 + 200 ms).
+
+    A stopped process or a dead link never closes its TCP connection, so a stream from it just
+    goes quiet. gRPC's keepalive sends an HTTP/2 ping once a connection with calls in flight has
+    read nothing for ping_after_ms; the peer's gRPC core answers it on its own threads, so a
+    busy engine (a long prefill, a loaded 2-core machine) still answers and only a frozen or
+    unreachable one fails. Two defaults stand in the way and are changed: the ping deadline
+    (`http2.ping_timeout_ms`, 60 s; keepalive_timeout_ms alone does not shorten it) and BDP
+    probing, whose pings count against the same at-most-one-a-second budget and delay the
+    keepalive ping by up to a second. Without BDP probing the flow-control window stays at its
+    default, plenty for token streams. (A 4 MiB `http2.lookahead_bytes` to make up for it was
+    tried: token streams got 8x slower.)
+
+    Used on the gateway's channels only: a ping queues behind whatever the connection already
+    sends, and on a slow link a KV upload (prefill -> decode) holds seconds of bytes in socket
+    buffers, which would fail a live stream. A KV stream has its own window timeout, and the
+    gateway's pings on the same request's other calls find a hung peer."""
+    if ping_after_ms <= 0:
+        return []
+    return [
+        ("grpc.keepalive_time_ms", ping_after_ms),
+        ("grpc.keepalive_timeout_ms", ping_timeout_ms),
+        ("grpc.http2.ping_timeout_ms", ping_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 0),  # idle channels stay quiet
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.bdp_probe", 0),
+    ]
+
+
 class ChannelPool:
     def __init__(self, security: ClusterSecurity = OPEN,
-                 admit: Callable[[str], Awaitable[bool]] | None = None) -> None:
+                 admit: Callable[[str], Awaitable[bool]] | None = None, liveness: MonitorConfig | None = None) -> None:
+        """liveness: the stream ping settings (--stream-ping-after-ms, --stream-ping-timeout-ms)
+        for the gateway's channels to the engines; None = no pings."""
         self.security = security
+        self._options = CHANNEL_OPTIONS + (
+            [] if liveness is None else liveness_options(liveness.stream_ping_after_ms, liveness.stream_ping_timeout_ms)
+        )
         self._admit = admit
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task] = set()
@@ -38,7 +75,7 @@ class ChannelPool:
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = self.security.channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = self.security.channel(address, options=self._options)
         return channel
 
     async def admits(self, address: str) -> bool:

@@ -5,8 +5,9 @@ What each door asks for:
   one line of `--cluster-token-file`; `edgellm up` (and `launch.Stack`) writes a random one to a
   0600 file and hands the same file to every service it starts. A service given no token file
   runs its internal RPCs open, which it allows only when it listens on loopback.
-- The gateway's public RPCs need `authorization: Bearer <key>` when `--api-keys-file` is set
-  (one key per line; blank lines and `# comments` ignored).
+- The gateway's public RPCs, and its HTTP API, need `authorization: Bearer <key>` when
+  `--api-keys-file` is set (one key per line; blank lines and `# comments` ignored). Metrics and
+  rate limits name a key by `key_fingerprint`, never by the key.
 - grpc.health.v1 and server reflection stay open on every server (probes, grpcurl).
 - `--tls-cert/--tls-key`: servers listen with TLS and clients present that pair too;
   `--tls-ca`: servers require client certificates it signed, clients verify servers with it.
@@ -17,6 +18,7 @@ with a message naming the flag. Tokens and keys are compared with hmac.compare_d
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -79,6 +81,16 @@ def read_api_keys(path: str) -> frozenset[str]:
     return keys
 
 
+def key_fingerprint(key: str) -> str:
+    """A short, stable name for an API key in metrics and logs (never the key itself)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def bearer_key(value: str) -> str:
+    """The key of an `authorization: Bearer <key>` value ("" when it is not one)."""
+    return value[len("Bearer "):] if value.startswith("Bearer ") else ""
+
+
 def write_cluster_token(path: str) -> str:
     """Write a new random token to `path`, readable by its owner only (0600); return it."""
     token = secrets.token_urlsafe(32)
@@ -107,7 +119,7 @@ def contains(candidates: Collection[str], given: str) -> bool:
     return found
 
 
-def _metadata_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str:
+def metadata_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str:
     for k, v in metadata or ():
         if k == key:
             return v if isinstance(v, str) else v.decode(errors="replace")
@@ -143,7 +155,7 @@ class CredentialInterceptor(grpc.aio.ServerInterceptor):
     def allows(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> bool:
         if method.startswith(OPEN_METHOD_PREFIXES):
             return True
-        value = _metadata_value(metadata, self.key)
+        value = metadata_value(metadata, self.key)
         return value.startswith(self.prefix) and contains(self.accepted, value[len(self.prefix):])
 
     async def intercept_service(

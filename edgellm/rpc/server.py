@@ -31,6 +31,9 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),  # a port that is taken must fail loudly, not be shared
+    # Peers ping streams that go quiet (channels.liveness_options); never answer that with a
+    # GOAWAY for pinging too often, which would cut every call on the connection.
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 

@@ -15,6 +15,7 @@ from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.security import ClusterSecurity, SecurityError, api_key_interceptor, is_loopback, read_api_keys
 from edgellm.rpc.server import serve
 from edgellm.v1 import gateway_pb2, gateway_pb2_grpc
+from services.gateway.http import HttpApi
 from services.gateway.migration import Migrator
 from services.gateway.pipeline import Pipeline
 from services.gateway.pools import Pools
@@ -35,16 +36,18 @@ async def run(config: cfg.Config) -> None:
     if not api_keys and not is_loopback(config.network.host):
         structlog.get_logger("gateway").warning(
             "no_api_keys", host=config.network.host,
-            hint="anyone who reaches this port can generate: set --api-keys-file (EDGELLM_API_KEYS_FILE)")
+            hint="anyone who reaches its gRPC or HTTP port can generate: set --api-keys-file (EDGELLM_API_KEYS_FILE)")
     model_dir = resolve_model_dir(config.model.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     max_context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
     net = config.network
     router = Router()  # no route until the monitor's first table
-    channels = ChannelPool(security)
+    channels = ChannelPool(security, liveness=config.monitor)
     follow_task: asyncio.Task | None = None
+    http_api: HttpApi | None = None
 
     def register(server):
+        nonlocal http_api
         pools = Pools(config.gateway.max_queued_requests, config.gateway.max_inflight_prefills,
                       config.limits.max_decode_streams)
         metrics.gauge("edgellm_prefill_pool_waiting", "Requests waiting in the gateway's prefill pool",
@@ -59,14 +62,22 @@ async def run(config: cfg.Config) -> None:
         upstream = Upstream(channels, label_ids=config.transfer.kv_fault_injection)
         migrator = Migrator(router, pools, upstream, config.gateway)
         pipeline = Pipeline(tokenizer, max_context, pools, migrator, config.gateway, config.limits)
-        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pipeline), server)
+        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pipeline, bool(api_keys)), server)
+        if net.gateway_http_port:  # the OpenAI-compatible face of the same pipeline, on this loop
+            # JSON escapes (\uXXXX) take up to 6 bytes per prompt byte; the prompt limit itself is checked later
+            http_api = HttpApi(pipeline, model_dir.name, api_keys, router.has_route,
+                               max_body_bytes=6 * config.limits.max_prompt_bytes + (1 << 20))
         return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
     async def ready() -> None:
         nonlocal follow_task
+        if http_api is not None:
+            await http_api.start(net.host, net.gateway_http_port)  # a taken port fails the start
         follow_task = asyncio.create_task(router.follow(channels, net.monitor_address))
 
     async def on_stop() -> None:
+        if http_api is not None:
+            await http_api.stop()
         if follow_task is not None:
             follow_task.cancel()
 
@@ -88,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         uvloop.run(run(config))
     except SecurityError as e:  # a credential or TLS file that cannot be used: never served
+        structlog.get_logger("gateway").error("refused_to_start", error=str(e))
+        sys.exit(2)
+    except OSError as e:  # e.g. --gateway-http-port taken
         structlog.get_logger("gateway").error("refused_to_start", error=str(e))
         sys.exit(2)
 

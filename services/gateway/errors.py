@@ -1,8 +1,8 @@
 """How a request fails, in the pipeline's own words.
 
 The request pipeline (pipeline.py and what it calls) raises only these; each front end maps
-them to its status codes (servicer.py: gRPC), so no transport's error type reaches into the
-pipeline. The message is meant for the client as is.
+them to its status codes (servicer.py: gRPC; http.py: HTTP), so no transport's error type
+reaches into the pipeline. The message is meant for the client as is.
 """
 
 from __future__ import annotations
@@ -24,6 +24,16 @@ class InvalidRequest(GatewayError):
 
 class ResourceExhausted(GatewayError):
     """The gateway is full (its prefill queue): retry later."""
+
+
+class RateLimited(GatewayError):
+    """The caller is over its request or token budget (rate_limit.py). `limit` names the option
+    (rate_limit_rpm, rate_limit_tpm); `headers` are the facts for the client: retry-after and
+    x-ratelimit-* (HTTP headers, gRPC trailing metadata)."""
+
+    def __init__(self, message: str, limit: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.limit, self.headers = limit, headers
 
 
 class Unavailable(GatewayError):

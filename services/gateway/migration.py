@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 
 import structlog
 
@@ -50,8 +51,10 @@ class Migrator:
         Unavailable (no route, or migration off) and UpstreamError."""
         failed_at: dict[str, int] = {}  # services that failed this request -> their up_count then
         resent = False
+        path_failed_at = 0.0  # time.monotonic() of the last failure, for the `resumed` timings
         for attempt in itertools.count(1):
             route = await self._route(req, failed_at)
+            routed_at = time.monotonic()
             if not route.is_split and self.router.mode != monitor_pb2.ROUTE_MODE_COLOCATED:
                 metrics.DEGRADED_REQUESTS.labels("prefill" if route.decode is None else "decode").inc()
             log.info("routed", attempt=attempt, prefill=route.prefill, decode=route.decode, num_sent=len(req.generated))
@@ -62,9 +65,16 @@ class Migrator:
                     async for item in items:
                         if req.decode_pool != streaming:
                             self._into_decode_pool(req, streaming)
+                        if attempt > 1 and path_failed_at:  # a takeover's first token: where the stall went
+                            now = time.monotonic()
+                            log.info("resumed", attempt=attempt, to=streaming, num_sent=len(req.generated),
+                                     route_wait_s=round(routed_at - path_failed_at, 4),
+                                     takeover_s=round(now - routed_at, 4))
+                            path_failed_at = 0.0
                         yield item
                 return
             except PathFailed as e:
+                path_failed_at = time.monotonic()
                 log.warning("path_failed", failed=e.failed, reason=e.reason, details=e.details,
                             num_sent=len(req.generated))
                 if e.reason == "stream_error" and e.failed is not None:

@@ -1,9 +1,11 @@
 """The gateway's request pipeline, free of any transport: GenerateInput in, events out.
 
 Lifecycle of a request:
-  validate (limits.py: sampling, sizes and counts, before any work) -> tokenize on the
-  pipeline's tokenizer thread, never on the event loop (prompt as is, or messages through the chat template) ->
-  prefill pool (pools.py: bounded queue, deadline) -> tokens (migration.py: route, run on
+  validate (limits.py: sampling, sizes and counts, before any work) -> the caller's request
+  and token budgets (rate_limit.py) -> tokenize on the pipeline's tokenizer thread, never on
+  the event loop (prompt as is, or messages through the chat template) -> prefill pool
+  (pools.py: bounded queue, deadline; the prompt's tokens are charged to the caller once it
+  has its slot, its completion tokens when it ends, however it ends) -> tokens (migration.py: route, run on
   the engine services, move on failure) -> text deltas (text.py: incremental
   detokenization, stop strings) -> one Finished event with finish_reason, usage and timings,
   and the request's metrics.
@@ -30,11 +32,14 @@ from edgellm.config import GatewayConfig, LimitsConfig
 from edgellm.config import parse as parse_config
 from edgellm.logs import bind_request
 from services.gateway.chat import ChatTokenizer
-from services.gateway.errors import GatewayError, InvalidRequest
+from services.gateway.errors import GatewayError, InvalidRequest, RateLimited
 from services.gateway.limits import check_input
 from services.gateway.migration import Migrator
 from services.gateway.pools import Pools
-from services.gateway.request import Event, Finished, GenerateInput, Request, TextDelta, Timings, Usage
+from services.gateway.rate_limit import RateLimiter
+from services.gateway.request import (
+    ANONYMOUS, Caller, Event, Finished, GenerateInput, Request, TextDelta, Timings, Usage,
+)
 from services.gateway.text import TextStream
 
 log = structlog.get_logger(__name__)
@@ -53,15 +58,24 @@ class Pipeline:
         self.migrator = migrator
         self.cfg = cfg
         self.limits = limits or parse_config([], env={}).limits
+        self.limiter = RateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm)
         # One thread tokenizes every prompt: a large one never blocks the event loop, and the
         # (not thread-safe) tokenizers are never used by two threads at once for encoding.
         self._tokenize_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
-    async def generate(self, inp: GenerateInput, timeout_s: float | None = None) -> AsyncIterator[Event]:
+    async def generate(self, inp: GenerateInput, timeout_s: float | None = None,
+                       caller: Caller = ANONYMOUS) -> AsyncIterator[Event]:
         """TextDelta events, then one Finished. timeout_s: the client's time left (None: none);
-        the gateway's --request-timeout-s bounds it too. Raises GatewayError."""
+        the gateway's --request-timeout-s bounds it too. caller: whose budgets it uses.
+        Raises GatewayError (RateLimited over a budget)."""
         received = time.monotonic()
         check_input(inp, self.limits)  # before the label is logged: it is bounded there
+        try:
+            self.limiter.admit(caller.id)
+        except RateLimited as e:
+            metrics.RATE_LIMITED.labels(caller.key_label, e.limit).inc()
+            raise
+        metrics.KEY_REQUESTS.labels(caller.key_label).inc()
         request_id = inp.request_id or uuid.uuid4().hex
         bind_request(request_id)
         req = await self._accept(inp, request_id, timeout_s)
@@ -72,6 +86,7 @@ class Pipeline:
             raise
         log.info("request_accepted", upstream_id=req.upstream_id, num_prompt_tokens=len(req.prompt_token_ids),
                  max_new_tokens=req.max_new_tokens)
+        self._charge(caller, "prompt", len(req.prompt_token_ids))
         first_token_at: float | None = None
         try:
             text = TextStream(self.tokenizer, list(inp.stop))
@@ -96,6 +111,7 @@ class Pipeline:
                 self.pools.leave_prefill()
             else:
                 self.pools.leave_decode(req.decode_pool)
+            self._charge(caller, "completion", len(req.generated))
         yield self._finished(req, finish, received, first_token_at)
 
     async def _accept(self, inp: GenerateInput, request_id: str, timeout_s: float | None) -> Request:
@@ -126,6 +142,10 @@ class Pipeline:
             max_new_tokens=min(inp.max_tokens or self.cfg.default_max_tokens, room),
             deadline=time.monotonic() + min(limits) if limits else None,
         )
+
+    def _charge(self, caller: Caller, kind: str, num_tokens: int) -> None:
+        self.limiter.charge(caller.id, num_tokens)
+        metrics.KEY_TOKENS.labels(caller.key_label, kind).inc(num_tokens)
 
     def _tokenize(self, inp: GenerateInput) -> list[int]:
         """On the tokenizer thread."""

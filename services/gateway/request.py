@@ -1,15 +1,37 @@
 """What goes into the request pipeline and what comes out, independent of any front end.
 
-A front end (servicer.py for gRPC; an HTTP one later) turns its request into a
-GenerateInput, iterates the pipeline's events (TextDelta ... TextDelta, then one Finished)
-and turns each into its own reply. `Request` is the pipeline's record of an accepted
-request: everything needed to run it, or to resume it on another service.
+A front end (servicer.py for gRPC, http.py for the OpenAI-compatible HTTP API) turns its
+request into a GenerateInput and says who sent it (a Caller), iterates the pipeline's events
+(TextDelta ... TextDelta, then one Finished) and turns each into its own reply. `Request` is
+the pipeline's record of an accepted request: everything needed to run it, or to resume it on
+another service.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+from edgellm.rpc.security import key_fingerprint
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as the rate limits and per-key metrics see it: the API key when the
+    gateway has keys, else the client's address."""
+
+    id: str  # "key:<fingerprint>" or "addr:<host>": one budget each
+    key_label: str  # metric label: the key's fingerprint, or "-" without keys (bounded label values)
+
+    @classmethod
+    def of(cls, api_key: str, address: str) -> "Caller":
+        if api_key:
+            fingerprint = key_fingerprint(api_key)
+            return cls(f"key:{fingerprint}", fingerprint)
+        return cls(f"addr:{address}", "-")
+
+
+ANONYMOUS = Caller("addr:", "-")  # in-process callers (tests, benchmarks)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 A thin face over the request pipeline (pipeline.py): a GenerateRequest becomes a
 GenerateInput, each pipeline event a GenerateResponse (text deltas, then one last message
 with finish_reason, usage and timings), and a GatewayError the matching status through
-context.abort. A client that cancels cancels the pipeline, and with it the upstream calls.
+context.abort (RateLimited: RESOURCE_EXHAUSTED with retry-after and x-ratelimit-* in the
+trailing metadata). A client that cancels cancels the pipeline, and with it the upstream calls.
+The caller is the API key (the interceptor has checked it) or, without keys, the peer's host.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from typing import AsyncIterator
 import grpc
 
 from edgellm import metrics
+from edgellm.rpc.security import AUTHORIZATION_KEY, bearer_key, metadata_value
 from edgellm.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import errors
 from services.gateway.pipeline import Pipeline
-from services.gateway.request import ChatMessage, Event, Finished, GenerateInput, Sampling
+from services.gateway.request import Caller, ChatMessage, Event, Finished, GenerateInput, Sampling
 
 STATUS = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -30,7 +34,9 @@ STATUS = {
 
 def status_code(e: errors.GatewayError) -> grpc.StatusCode:
     """The gRPC status a pipeline error ends the call with (an upstream's status as it came)."""
-    return e.code if isinstance(e, errors.UpstreamError) else STATUS[type(e)]
+    if isinstance(e, errors.UpstreamError):
+        return e.code
+    return next(STATUS[t] for t in type(e).__mro__ if t in STATUS)  # a subclass maps as its base
 
 
 def input_from_proto(request: gateway_pb2.GenerateRequest) -> GenerateInput:
@@ -57,15 +63,27 @@ def response_from_event(event: Event) -> gateway_pb2.GenerateResponse:
     return gateway_pb2.GenerateResponse(text=event.text, token_ids=event.token_ids, request_id=event.request_id)
 
 
+def peer_host(peer: str) -> str:
+    """'ipv4:127.0.0.1:5555' -> '127.0.0.1', 'ipv6:[::1]:5555' -> '[::1]' (one budget per host, not per port)."""
+    kind, _, address = peer.partition(":")
+    return address.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else peer
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, has_api_keys: bool = False) -> None:
+        """has_api_keys: the gateway checks API keys, so the key names the caller (else its address)."""
         self.pipeline = pipeline
+        self.has_api_keys = has_api_keys
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        key = bearer_key(metadata_value(context.invocation_metadata(), AUTHORIZATION_KEY)) if self.has_api_keys else ""
+        return Caller.of(key, peer_host(context.peer()))
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         try:
-            events = self.pipeline.generate(input_from_proto(request), context.time_remaining())
+            events = self.pipeline.generate(input_from_proto(request), context.time_remaining(), self._caller(context))
             async with contextlib.aclosing(events):
                 async for event in events:
                     yield response_from_event(event)
@@ -75,7 +93,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except errors.GatewayError as e:
             code = status_code(e)
             metrics.ERRORS.labels(code.name).inc()
-            await context.abort(code, e.message)
+            trailing = tuple(e.headers.items()) if isinstance(e, errors.RateLimited) else ()
+            await context.abort(code, e.message, trailing_metadata=trailing)
         except Exception:
             metrics.ERRORS.labels(grpc.StatusCode.UNKNOWN.name).inc()
             raise

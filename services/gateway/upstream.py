@@ -149,5 +149,8 @@ def _failure(e: grpc.aio.AioRpcError, blamed: str | None) -> Exception:
     client) when the request is at fault or out of time."""
     if e.code() not in RESUMABLE:
         return UpstreamError(e.code(), e.details() or "")
+    details = e.details() or ""
+    if "ping timeout" in details or "keepalive" in details.lower():  # channels.liveness_options found it
+        details = f"{blamed or 'the service'} stopped answering (a liveness ping went unanswered): {details}"
     return PathFailed(blamed, "kv_rejected" if e.code() == grpc.StatusCode.DATA_LOSS else "stream_error",
-                      f"{e.code().name}: {e.details()}")
+                      f"{e.code().name}: {details}")

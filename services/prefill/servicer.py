@@ -6,7 +6,8 @@ pass starts. Returns the first token once decode has acknowledged the complete K
 
 A takeover (the request's decode service failed) is the same call with the tokens already
 streamed appended to the prompt and num_generated set: the KV of all of them goes to the
-new decode service and the token sampled is the next one.
+new decode service and the token sampled is the next one. When this service prefilled the
+request, its kept prompt K/V (backup.py) is reused: only the streamed tokens are computed.
 
 GenerateLocal(request): degraded mode, used by the gateway when no decode service is
 healthy: this service prefills and then decodes the request itself. A takeover of a request
@@ -77,11 +78,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             prompt_digest=codec.prompt_digest(spec.prompt_token_ids),
         )
         kept = None if spec.num_generated else self._keeper(len(spec.prompt_token_ids))
+        # A takeover moving to another decode service reuses the prompt K/V kept here: only the
+        # tokens already streamed are computed, and the stream carries the kept K/V with theirs.
+        prefix = self.backup.get(spec.request_id, list(spec.prompt_token_ids)) if spec.num_generated else None
 
         def on_layer_kv(layer: int, k, v) -> None:  # engine thread
             if kept is not None:
                 kept[0][layer].copy_(k)
                 kept[1][layer].copy_(v)
+            if prefix is not None and k.shape[1] < len(spec.prompt_token_ids):  # the engine used the prefix
+                k, v = torch.cat((prefix[0][layer], k), dim=1), torch.cat((prefix[1][layer], v), dim=1)
             sender.on_layer_kv(layer, k, v)
 
         try:
@@ -92,6 +98,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 spec.max_new_tokens,
                 on_layer_kv,
                 num_generated=spec.num_generated,
+                prefix_kv=prefix,
             )
             if sender.gave_up:  # decode took nothing for kv_wait_timeout_s while the forward pass ran
                 raise TimeoutError

@@ -97,11 +97,12 @@ def test_sigstop_hung_decode_is_detected_and_sigcont_brings_it_back(tiny_model_d
         run = run_with_fault_sync(
             stack.address("gateway"), PROMPTS, MAX_TOKENS, fault=lambda: stack.kill("decode", signal.SIGSTOP)
         )
-        # A hung process keeps its sockets open: no stream error, only the monitor's verdict.
+        # A hung process keeps its sockets open: found by the streams' liveness pings or the monitor's verdict.
         check_outcome(run, expected, migrate)
-        assert metric(gateway_metrics(stack), "edgellm_failures_detected_total", 'source="monitor"') >= 1
-        if not migrate:
-            assert all("marked" in r.details and "down" in r.details for r in run.streams if r.error)
+        assert metric(gateway_metrics(stack), "edgellm_failures_detected_total") >= 1
+        if not migrate:  # found by the streams' liveness pings or the monitor's checks, whichever came first
+            assert all(("marked" in r.details and "down" in r.details) or "stopped answering" in r.details
+                       for r in run.streams if r.error)
 
         stack.kill("decode", signal.SIGCONT)
         table = stack.wait_mode(monitor_pb2.ROUTE_MODE_NORMAL, timeout_s=30)
@@ -127,6 +128,8 @@ def test_with_two_decode_services_killing_one_moves_its_streams_to_the_other(tin
         assert metric(m, "edgellm_degraded_requests_total") == 0  # never degraded: the other decode took over
         if migrate:
             assert metric(m, "edgellm_migrations_total", 'to="decode"') >= 1
+            # the prefill service reused each moved prompt's kept KV: it computed only the streamed tokens
+            assert metric(scrape(stack.config.network.prefill_metrics_port), "edgellm_kv_backup_hits") >= 1
             # decode2's port is closed now: new requests go to the live one, none fail
             with Client(stack.address("gateway"), timeout_s=60) as client:
                 for i in range(4):
@@ -170,7 +173,7 @@ def test_a_cut_link_to_decode_is_detected_and_its_streams_move(tiny_model_dir, e
     with decode_behind_a_link(tiny_model_dir, migrate) as (stack, cut, restore):
         run = run_with_fault_sync(stack.address("gateway"), PROMPTS, MAX_TOKENS, fault=cut)
         check_outcome(run, expected, migrate)
-        assert metric(gateway_metrics(stack), "edgellm_failures_detected_total", 'source="monitor"') >= 1
+        assert metric(gateway_metrics(stack), "edgellm_failures_detected_total") >= 1
         restore()
         stack.wait_mode(monitor_pb2.ROUTE_MODE_NORMAL, timeout_s=30)
 

@@ -13,6 +13,8 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,6 +35,21 @@ def health(address: str, service: str = "") -> int | None:
             return health_pb2_grpc.HealthStub(channel).Check(request, timeout=0.5).status
         except grpc.RpcError:
             return None
+
+
+def http_health(stack: Stack, timeout_s: float = 10) -> int:
+    """The status of the HTTP API's GET /health (waiting for it to listen: it starts just after gRPC)."""
+    url = f"http://127.0.0.1:{stack.config.network.gateway_http_port}/health"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            assert time.monotonic() < deadline, "the gateway's HTTP API does not listen"
+            time.sleep(0.05)
 
 
 def wait_health(stack: Stack, want: set[int | None], timeout_s: float) -> int | None:
@@ -59,6 +76,7 @@ def test_gateway_is_not_serving_while_engines_load_and_an_early_request_waits(ti
         first = wait_health(stack, {SERVING, NOT_SERVING}, timeout_s=120)
         assert first == NOT_SERVING, "the gateway must not report SERVING before any engine is up"
         assert health(gateway, gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name) == NOT_SERVING
+        assert http_health(stack) == 503  # the HTTP API follows the same rule
 
         with Client(gateway, timeout_s=90) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
             answer = pool.submit(client.generate_text, prompt="The sea is", max_tokens=8)
@@ -69,10 +87,12 @@ def test_gateway_is_not_serving_while_engines_load_and_an_early_request_waits(ti
             result = answer.result(timeout=120)
         assert result.text and result.completion_tokens > 0
         assert wait_health(stack, {SERVING}, timeout_s=30) == SERVING
+        assert http_health(stack) == 200
 
         stack.kill("prefill")
         stack.kill("decode")  # no engine left: no route
         assert wait_health(stack, {NOT_SERVING}, timeout_s=10) == NOT_SERVING
+        assert http_health(stack) == 503
     finally:
         stack.stop()
         shutil.rmtree(log_dir, ignore_errors=True)

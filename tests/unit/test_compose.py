@@ -125,10 +125,11 @@ def test_service_runs_edgellm_serve_on_its_default_port(project, defaults, name)
     assert local[3:5] == command[1:3]
     assert flag_value(local, f"--{name}-port") == flag_value(command, f"--{name}-port")
 
-    # Closed doors: only the gateway's gRPC port reaches the host; the rest stays on the compose network.
+    # Closed doors: only the gateway's gRPC and HTTP ports reach the host; the rest stays on the compose network.
     published = [(p["target"], int(p["published"])) for p in service.get("ports", [])]
     metrics_port = getattr(defaults.network, f"{name}_metrics_port")
-    assert published == ([(port, port)] if name == "gateway" else [])
+    http_port = defaults.network.gateway_http_port
+    assert published == ([(port, port), (http_port, http_port)] if name == "gateway" else [])
     exposed = {str(p) for p in service.get("expose", [])}
     assert exposed == ({str(metrics_port)} if name == "gateway" else {str(port), str(metrics_port)})
 

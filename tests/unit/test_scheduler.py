@@ -213,3 +213,18 @@ def test_bookkeeping_imports_no_torch():
             "edgellm.engine.postprocess, edgellm.engine.info; assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_takeover_is_prefilled_before_new_prompts_that_arrived_first():
+    """A stream that moved here mid-answer (num_generated > 0) has a client waiting: it goes
+    ahead of new prompts in the next prefill batch, even when they came first."""
+    sched = make_scheduler(max_batch_tokens=24)
+    new_a, new_b = make_seq(10, name="new-a"), make_seq(10, name="new-b")
+    takeover = make_seq(12, name="takeover")
+    takeover.token_ids += [TOKEN] * 3
+    takeover.num_generated = 3
+    for s in (new_a, new_b, takeover):
+        sched.add(s)
+    out = step(sched)
+    assert [s.request_id for s in out.prefills] == ["takeover", "new-a"]  # 14 + 10 tokens fit, new-b waits
+    assert [s.request_id for s in step(sched).prefills] == ["new-b"]
