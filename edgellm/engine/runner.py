@@ -148,10 +148,11 @@ class ModelRunner:
             for hook, start, end in hooks:  # each request's K/V: [Hkv, L, D]
                 hook(layer, k[start:end].transpose(0, 1), v[start:end].transpose(0, 1))
 
-        layer_kv = offload = None
-        if hooks:
-            layer_kv = offload = LayerKVOffload(self.device, on_layer_kv) if self.device.type == "cuda" else None
-            layer_kv = layer_kv or on_layer_kv
+        layer_kv = offload = None  # on a GPU, each layer's K/V reaches the hooks through pinned host copies
+        if hooks and self.device.type == "cuda":
+            layer_kv = offload = LayerKVOffload(self.device, on_layer_kv)
+        elif hooks:
+            layer_kv = on_layer_kv
         start_ns = time.time_ns()
         logits = self.model(batch, self.cache, on_layer_kv=layer_kv)  # [B, V]
         if offload is not None:

@@ -219,6 +219,43 @@ def test_a_local_takeover_from_a_kept_prompt_kv_equals_recomputing_it(tiny, num_
     assert_nothing_held(engine)
 
 
+@pytest.mark.parametrize("num_sent", [1, 6])
+def test_a_takeover_to_another_decode_from_a_kept_prompt_kv_sends_the_same_kv(tiny, num_sent):
+    """A move to another decode service, with the prompt's K/V kept by the prefill service: the
+    prefill computes only the sent tokens (attending to the kept K/V), samples the same next
+    token, and the sent tokens' K/V it hands on equals what a full recompute gives."""
+    prompt = prompts(1, seed=30 + num_sent)[0]
+    sampling = SamplingParams(temperature=0.8, top_k=50, seed=7)
+    local = make_engine(tiny)
+    sent = run_engine(local, lambda: collect(local, prompt, 12, sampling))[:num_sent]
+    a = tiny.model.arch
+
+    def recorder(n):
+        k, v = torch.zeros(a.num_layers, a.num_kv_heads, n, a.head_dim), torch.zeros(a.num_layers, a.num_kv_heads, n, a.head_dim)
+
+        def keep(layer, lk, lv):
+            k[layer], v[layer] = lk, lv
+        return k, v, keep
+
+    kept_k, kept_v, keep_prompt = recorder(len(prompt))
+    full_k, full_v, keep_full = recorder(len(prompt) + num_sent)
+    new_k, new_v, keep_new = recorder(num_sent)
+    engine = make_engine(tiny)
+
+    async def run():
+        await engine.prefill("r", prompt, sampling, 12, keep_prompt)
+        full = await engine.prefill("r/2", prompt + sent, sampling, 12, keep_full, num_generated=num_sent)
+        reused = await engine.prefill("r/3", prompt + sent, sampling, 12, keep_new, num_generated=num_sent,
+                                      prefix_kv=(kept_k, kept_v))
+        return full, reused
+
+    full, reused = run_engine(engine, run)
+    assert reused.first_token_id == full.first_token_id
+    torch.testing.assert_close(new_k, full_k[:, :, len(prompt):], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new_v, full_v[:, :, len(prompt):], rtol=1e-5, atol=1e-5)
+    assert_nothing_held(engine)
+
+
 def test_engine_info_describes_the_engine_and_its_weights(tiny):
     a = tiny.model.arch
     info = make_engine(tiny, num_blocks=32).info
