@@ -1,8 +1,11 @@
 """`python -m bench.faults` (`make bench-faults`): what a decode failure costs the streams in flight.
 
-Scenarios, each on its own stack of the embedded model with every setting at its default, as
-`edgellm up` runs it (no CPU pinning; health checks every 0.2 s, 0.3 s deadline, down after 2
-misses), but for the precision:
+Scenarios, each on its own stack of the embedded model with every setting at its default
+(health checks every 0.2 s, 0.3 s deadline, down after 2 misses; stream liveness pings after
+100 ms, 300 ms deadline) but for the precision, placed as `edgellm up` places them on this
+2-core machine: prefill on CPU 0, decode on CPU 1, one torch thread each, standing in for two
+devices (unpinned, the engines' OpenMP teams fight over the cores, and a cut-off decode service
+that still computes would slow the takeover on the other "device"):
 
   kill9         kill -9 of the only decode service: streams go on in degraded mode (prefill decodes),
                 reusing the prompt KV the prefill service kept (hot backup, --kv-backup-mb)
@@ -52,6 +55,7 @@ from edgellm.linkproxy import LinkProxy
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRECISION = ("--prefill-dtype", "fp32", "--decode-weights", "fp32")
+PLACEMENT = ("--prefill-cpus", "0", "--decode-cpus", "1", "--prefill-threads", "1", "--decode-threads", "1")
 PROMPT_TOPICS = ("the river", "a lighthouse", "bread", "the moon", "trains", "a garden", "winter", "the sea")
 
 
@@ -63,11 +67,10 @@ def prompts(n: int) -> list[str]:
 
 def scenarios() -> dict[str, tuple[tuple[str, ...], str, int]]:
     """name -> (extra stack flags, process to hit, signal)."""
-    # Three engines on this 2-core machine stand in for three devices: prefill on CPU 0, both
-    # decode services on CPU 1, one torch thread each. Unpinned, their OpenMP teams fight over
-    # the cores: 8 tok/s before the fault instead of 90, and a 9 s re-prefill of 8 short prompts.
-    two = ("--decode-addrs", f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}", "--prefill-cpus", "0",
-           "--decode-cpus", "1", "--prefill-threads", "1", "--decode-threads", "1")
+    # kill9-of-two: three engines stand in for three devices, prefill on CPU 0 and both decode
+    # services on CPU 1 (PLACEMENT). Unpinned, their OpenMP teams fought over the cores: 8 tok/s
+    # before the fault instead of 90, and a 9 s re-prefill of 8 short prompts.
+    two = ("--decode-addrs", f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}")
     return {
         "kill9": ((), "decode", signal.SIGKILL),
         "kill9-no-backup": (("--kv-backup-mb", "0"), "decode", signal.SIGKILL),
@@ -162,7 +165,7 @@ def run_scenario(name: str, flags: tuple[str, ...], target: str, sig: int, args:
         proxy.cut() if proxy is not None else stack.kill(target, sig)
 
     try:
-        with started_stack("default", (*PRECISION, *flags), **stack_options) as (stack, description):
+        with started_stack("default", (*PRECISION, *PLACEMENT, *flags), **stack_options) as (stack, description):
             gateway = stack.address("gateway")
             baseline = run_with_fault_sync(gateway, texts, args.max_tokens)
             expected = [r.token_ids for r in baseline.streams]

@@ -34,6 +34,12 @@ SERVER_OPTIONS = [
     # Peers ping streams that go quiet (channels.liveness_options); never answer that with a
     # GOAWAY for pinging too often, which would cut every call on the connection.
     ("grpc.http2.max_ping_strikes", 0),
+    # And this server pings a caller it has read nothing from for a second: a caller cut off
+    # (a dead link, a killed gateway whose RST never arrived) no longer leaves its calls running
+    # here, an engine generating tokens nobody will read. A live caller's gRPC core answers.
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.http2.ping_timeout_ms", 1000),
 ]
 
 

@@ -87,8 +87,12 @@ def test_a_flapping_decode_service_never_duplicates_a_token_and_a_gateway_restar
     reaches the client, and nothing is sent twice.
     Gateway restart: kill -9 of the gateway mid-stream ends every client stream with UNAVAILABLE
     (a clear error to retry on), the engines drop the orphaned sequences, and a restarted gateway
-    answers the retry."""
-    stack = start_stack(stack_config(tiny_model_dir))
+    answers the retry.
+    Placed as `edgellm up` places the engines on one machine (prefill on CPU 0, decode on CPU 1,
+    one thread each): while a takeover decodes on the prefill engine the resumed decode engine
+    decodes too, and two unpinned OpenMP teams on two cores slow each other down tens of times."""
+    stack = start_stack(stack_config(tiny_model_dir, prefill_cpus="0", decode_cpus="1", prefill_threads="1",
+                                     decode_threads="1"))
     try:
         gateway = stack.address("gateway")
         expected = [r.token_ids for r in run_with_fault_sync(gateway, STORY_PROMPTS, 240, timeout_s=120).streams]
