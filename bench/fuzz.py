@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import pathlib
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -32,6 +31,7 @@ from hypothesis import strategies as st
 
 from bench.fuzz_harness import FuzzTarget, GoodTraffic, Tally, describe_request, stack_problems, wait_healthy
 from bench.fuzz_inputs import generate_requests, kv_cases
+from bench.stacks import tiny_model_stack
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # max_tokens 0 (the server's default) must finish as fast as the other valid requests.
@@ -115,14 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "bench" / "results" / "fuzz.json")
     args = parser.parse_args(argv)
 
-    from tests.conftest import build_tiny_model, stack_config, start_stack  # the suite's tiny model and stack
-
-    model_dir = tempfile.mkdtemp(prefix="edgellm-fuzz-model-")
-    stack = None
-    try:
-        build_tiny_model(model_dir)
+    with contextlib.ExitStack() as exits:
         try:
-            stack = start_stack(stack_config(model_dir, **STACK_OVERRIDES))
+            stack = exits.enter_context(tiny_model_stack("fuzz", **STACK_OVERRIDES))
         except (RuntimeError, TimeoutError) as e:
             print(f"stack did not start: {e}", file=sys.stderr)
             return 2
@@ -136,11 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         good.stop()
         problems = run.stack_problems or wait_healthy(stack)
         target.close()
-    finally:
-        if stack is not None:
-            stack.stop()
-            shutil.rmtree(stack.log_dir, ignore_errors=True)
-        shutil.rmtree(model_dir, ignore_errors=True)
 
     report = {
         "command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(), "seed": args.seed,

@@ -30,9 +30,7 @@ import datetime
 import json
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Awaitable, Callable
 
@@ -40,6 +38,7 @@ import aiohttp
 import numpy as np
 import uvloop
 
+from bench.stacks import tiny_model_stack
 from edgellm.client import AsyncClient
 from edgellm.v1 import common_pb2, decode_pb2_grpc
 
@@ -226,20 +225,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from tests.conftest import build_tiny_model, stack_config, start_stack  # the suite's tiny model and stack
-
-    model_dir = tempfile.mkdtemp(prefix="edgellm-bench-gateway-model-")
-    stack = None
-    try:
-        build_tiny_model(model_dir)
-        prompt_ids = list(AutoTokenizer.from_pretrained(model_dir)(STREAM_PROMPT)["input_ids"])
-        stack = start_stack(stack_config(model_dir, max_inflight_prefills=args.max_inflight_prefills))
+    with tiny_model_stack("bench-gateway", max_inflight_prefills=args.max_inflight_prefills) as stack:
+        prompt_ids = list(AutoTokenizer.from_pretrained(stack.config.model.model)(STREAM_PROMPT)["input_ids"])
         results = uvloop.run(measure(stack, args, prompt_ids))
-    finally:
-        if stack is not None:
-            stack.stop()
-            shutil.rmtree(stack.log_dir, ignore_errors=True)
-        shutil.rmtree(model_dir, ignore_errors=True)
     report = {"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(), "cpus": os.cpu_count(),
               "load_average_1m_at_end": os.getloadavg()[0],  # other work on the machine skews every figure
               "model": "tiny random-weight Llama (tests/conftest.py), fp32", **results}

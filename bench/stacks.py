@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -71,3 +72,23 @@ def running_stack(name: str, extra_flags: tuple[str, ...] = ()) -> Iterator[tupl
     Raises RuntimeError or TimeoutError (with the service's last log lines) if it does not start."""
     with started_stack(name, extra_flags) as (stack, description):
         yield stack.address("gateway"), description
+
+
+@contextlib.contextmanager
+def tiny_model_stack(tag: str, **overrides: Any) -> Iterator[Stack]:
+    """A started stack on the suite's tiny random-weight model (tests/conftest.py: plumbing precision,
+    `overrides` as options); the stack, its logs and the model are removed on the way out. Raises
+    RuntimeError or TimeoutError if the stack does not start."""
+    from tests.conftest import build_tiny_model, stack_config, start_stack
+
+    model_dir = tempfile.mkdtemp(prefix=f"edgellm-{tag}-model-")
+    stack = None
+    try:
+        build_tiny_model(model_dir)
+        stack = start_stack(stack_config(model_dir, **overrides))
+        yield stack
+    finally:
+        if stack is not None:
+            stack.stop()
+            shutil.rmtree(stack.log_dir, ignore_errors=True)
+        shutil.rmtree(model_dir, ignore_errors=True)
