@@ -21,7 +21,7 @@ from edgellm.config.options import (  # noqa: F401  (re-exported: the one place 
 )
 from edgellm.config.sections import (  # noqa: F401
     _SECTION_OF, _SECTIONS, Config, EngineConfig, GatewayConfig, ModelConfig, MonitorConfig, NetworkConfig,
-    PlacementConfig, TransferConfig, SecurityConfig, LimitsConfig, parse_cpu_list,
+    ParallelConfig, PlacementConfig, TransferConfig, SecurityConfig, LimitsConfig, parse_cpu_list,
 )
 
 

@@ -68,6 +68,21 @@ OPTIONS: tuple[Option, ...] = (
            "decoding on the prefill service runs on --prefill-device)"),
     Option("cuda_graphs", _bool, True, "CUDA: replay the decode step as CUDA graphs per batch-size bucket "
            "(eager for prefill and batches past the largest bucket); false = always eager"),
+    # parallelism (issue 15): one phase across several devices
+    Option("prefill_tp", int, 1, "tensor-parallel ranks of the prefill service (one process per device; rank 0 "
+           "serves gRPC, the others are workers it drives); uneven head counts are fine"),
+    Option("prefill_tp_rank", int, 0, "this process's rank in the prefill group (workers: 1 .. prefill_tp-1)"),
+    Option("prefill_tp_port", int, 50062, "rank 0's rendezvous port (torch.distributed TCPStore) for the group"),
+    Option("prefill_tp_addr", str, "", "workers: rank 0's rendezvous host:port; empty = 127.0.0.1:<prefill-tp-port>"),
+    Option("prefill_tp_timeout_s", float, 5.0, "a collective that waits this long on a rank fails: the group is "
+           "aborted, prefill reports itself down and re-forms when every rank is back"),
+    Option("decode_stages", int, 1, "pipeline-parallel stages of the decode service (one process per device, each "
+           "owning a contiguous range of layers; stage 0 serves gRPC and schedules)"),
+    Option("decode_stage", int, 0, "this process's stage index (stage processes: 1 .. decode_stages-1)"),
+    Option("decode_stage_addrs", _addresses, (), "stages 1 .. decode_stages-1 (host:port each); empty = "
+           "127.0.0.1:<decode-port + 100*k> for stage k"),
+    Option("decode_stage_timeout_s", float, 5.0, "stage 0: a stage that returns nothing for this long in a step is "
+           "down: the decode unit reports itself down and its requests move on"),
     # engine
     Option("kv_cache_mb", int, 1024, "memory for the paged KV cache of an engine (prefill in degraded mode, decode)"),
     Option("kv_block_size", int, 16, "tokens per KV block"),

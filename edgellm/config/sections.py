@@ -97,6 +97,44 @@ class PlacementConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How each phase spreads over devices: tensor-parallel prefill ranks, pipeline-parallel
+    decode stages."""
+
+    prefill_tp: int
+    prefill_tp_rank: int
+    prefill_tp_port: int
+    prefill_tp_addr: str
+    prefill_tp_timeout_s: float
+    decode_stages: int
+    decode_stage: int
+    decode_stage_addrs: tuple[str, ...]
+    decode_stage_timeout_s: float
+
+    def __post_init__(self) -> None:
+        if self.prefill_tp < 1 or not 0 <= self.prefill_tp_rank < self.prefill_tp:
+            raise ValueError("prefill_tp must be >= 1 and prefill_tp_rank in [0, prefill_tp)")
+        if self.decode_stages < 1 or not 0 <= self.decode_stage < self.decode_stages:
+            raise ValueError("decode_stages must be >= 1 and decode_stage in [0, decode_stages)")
+        if self.decode_stage_addrs and len(self.decode_stage_addrs) != self.decode_stages - 1:
+            raise ValueError(f"decode_stage_addrs names {len(self.decode_stage_addrs)} stages; "
+                             f"decode_stages={self.decode_stages} needs {self.decode_stages - 1}")
+        if self.prefill_tp_timeout_s <= 0 or self.decode_stage_timeout_s <= 0:
+            raise ValueError("prefill_tp_timeout_s and decode_stage_timeout_s must be > 0")
+
+    @property
+    def tp_address(self) -> str:
+        """Where the prefill group meets: rank 0's TCPStore."""
+        return self.prefill_tp_addr or f"127.0.0.1:{self.prefill_tp_port}"
+
+    def stage_addresses(self, decode_port: int) -> tuple[str, ...]:
+        """gRPC addresses of decode stages 1 .. decode_stages-1."""
+        if self.decode_stage_addrs:
+            return self.decode_stage_addrs
+        return tuple(f"127.0.0.1:{decode_port + 100 * k}" for k in range(1, self.decode_stages))
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     kv_cache_mb: int
     kv_block_size: int
@@ -262,6 +300,7 @@ class LimitsConfig:
 class Config:
     model: ModelConfig
     placement: PlacementConfig
+    parallel: ParallelConfig
     engine: EngineConfig
     network: NetworkConfig
     transfer: TransferConfig
@@ -280,6 +319,7 @@ class Config:
 _SECTIONS = {
     "model": ModelConfig,
     "placement": PlacementConfig,
+    "parallel": ParallelConfig,
     "engine": EngineConfig,
     "network": NetworkConfig,
     "transfer": TransferConfig,

@@ -24,27 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gellm/v1/common.proto\x12\nedgellm.v1\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"d\n\nTokenDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.edgellm.v1.FinishReason\"\xea\x01\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x03 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x15\n\rkv_block_size\x18\x05 \x01(\r\x12\x13\n\x0bmax_running\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0f\n\x07weights\x18\x08 \x01(\t\x12\x14\n\x0cweight_bytes\x18\t \x01(\x04\x12\x13\n\x0bnum_threads\x18\n \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\"\x10\n\x0eGetLoadRequest\"\x98\x01\n\x0bRequestSpec\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.edgellm.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x15\n\rnum_generated\x18\x05 \x01(\r\"\x8a\x01\n\x14GenerateLocalRequest\x12%\n\x04spec\x18\x06 \x01(\x0b\x32\x17.edgellm.v1.RequestSpecJ\x04\x08\x01\x10\x06R\nrequest_idR\x10prompt_token_idsR\x08samplingR\x0emax_new_tokensR\rnum_generated*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x92\x01\n\x0bServiceRole\x12\x1c\n\x18SERVICE_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14SERVICE_ROLE_GATEWAY\x10\x01\x12\x18\n\x14SERVICE_ROLE_PREFILL\x10\x02\x12\x17\n\x13SERVICE_ROLE_DECODE\x10\x03\x12\x18\n\x14SERVICE_ROLE_MONITOR\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gellm/v1/common.proto\x12\nedgellm.v1\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"d\n\nTokenDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.edgellm.v1.FinishReason\"\xac\x02\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x03 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x15\n\rkv_block_size\x18\x05 \x01(\r\x12\x13\n\x0bmax_running\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0f\n\x07weights\x18\x08 \x01(\t\x12\x14\n\x0cweight_bytes\x18\t \x01(\x04\x12\x13\n\x0bnum_threads\x18\n \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\'\n\x06stages\x18\x0c \x03(\x0b\x32\x17.edgellm.v1.DecodeStage\x12\x17\n\x0ftensor_parallel\x18\r \x01(\r\"}\n\x0b\x44\x65\x63odeStage\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\x98\x01\n\x0bRequestSpec\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.edgellm.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x15\n\rnum_generated\x18\x05 \x01(\r\"\x8a\x01\n\x14GenerateLocalRequest\x12%\n\x04spec\x18\x06 \x01(\x0b\x32\x17.edgellm.v1.RequestSpecJ\x04\x08\x01\x10\x06R\nrequest_idR\x10prompt_token_idsR\x08samplingR\x0emax_new_tokensR\rnum_generated*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x92\x01\n\x0bServiceRole\x12\x1c\n\x18SERVICE_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14SERVICE_ROLE_GATEWAY\x10\x01\x12\x18\n\x14SERVICE_ROLE_PREFILL\x10\x02\x12\x17\n\x13SERVICE_ROLE_DECODE\x10\x03\x12\x18\n\x14SERVICE_ROLE_MONITOR\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgellm.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=776
-  _globals['_FINISHREASON']._serialized_end=925
-  _globals['_SERVICEROLE']._serialized_start=928
-  _globals['_SERVICEROLE']._serialized_end=1074
+  _globals['_FINISHREASON']._serialized_start=969
+  _globals['_FINISHREASON']._serialized_end=1118
+  _globals['_SERVICEROLE']._serialized_start=1121
+  _globals['_SERVICEROLE']._serialized_end=1267
   _globals['_SAMPLINGPARAMS']._serialized_start=39
   _globals['_SAMPLINGPARAMS']._serialized_end=120
   _globals['_TOKENDELTA']._serialized_start=122
   _globals['_TOKENDELTA']._serialized_end=222
   _globals['_LOAD']._serialized_start=225
-  _globals['_LOAD']._serialized_end=459
-  _globals['_GETLOADREQUEST']._serialized_start=461
-  _globals['_GETLOADREQUEST']._serialized_end=477
-  _globals['_REQUESTSPEC']._serialized_start=480
-  _globals['_REQUESTSPEC']._serialized_end=632
-  _globals['_GENERATELOCALREQUEST']._serialized_start=635
-  _globals['_GENERATELOCALREQUEST']._serialized_end=773
+  _globals['_LOAD']._serialized_end=525
+  _globals['_DECODESTAGE']._serialized_start=527
+  _globals['_DECODESTAGE']._serialized_end=652
+  _globals['_GETLOADREQUEST']._serialized_start=654
+  _globals['_GETLOADREQUEST']._serialized_end=670
+  _globals['_REQUESTSPEC']._serialized_start=673
+  _globals['_REQUESTSPEC']._serialized_end=825
+  _globals['_GENERATELOCALREQUEST']._serialized_start=828
+  _globals['_GENERATELOCALREQUEST']._serialized_end=966
 # @@protoc_insertion_point(module_scope)

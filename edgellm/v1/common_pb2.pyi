@@ -56,7 +56,7 @@ class TokenDelta(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "kv_block_size", "max_running", "dtype", "weights", "weight_bytes", "num_threads", "device")
+    __slots__ = ("num_running", "num_waiting", "num_free_kv_blocks", "num_kv_blocks", "kv_block_size", "max_running", "dtype", "weights", "weight_bytes", "num_threads", "device", "stages", "tensor_parallel")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,8 @@ class Load(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_THREADS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_free_kv_blocks: int
@@ -79,7 +81,25 @@ class Load(_message.Message):
     weight_bytes: int
     num_threads: int
     device: str
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_running: _Optional[int] = ..., dtype: _Optional[str] = ..., weights: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., num_threads: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[DecodeStage]
+    tensor_parallel: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_kv_blocks: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_running: _Optional[int] = ..., dtype: _Optional[str] = ..., weights: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., num_threads: _Optional[int] = ..., device: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[DecodeStage, _Mapping]]] = ..., tensor_parallel: _Optional[int] = ...) -> None: ...
+
+class DecodeStage(_message.Message):
+    __slots__ = ("address", "layer_start", "layer_end", "weight_bytes", "device", "healthy")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    layer_start: int
+    layer_end: int
+    weight_bytes: int
+    device: str
+    healthy: bool
+    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., healthy: _Optional[bool] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()

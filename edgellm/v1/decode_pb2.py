@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from edgellm.v1 import common_pb2 as edgellm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gellm/v1/decode.proto\x12\nedgellm.v1\x1a\x17\x65\x64gellm/v1/common.proto\"\x9c\x03\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06seq_no\x18\x02 \x01(\r\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x13\n\x0btoken_start\x18\x05 \x01(\r\x12\x11\n\ttoken_end\x18\x06 \x01(\r\x12\"\n\x05\x64type\x18\x07 \x01(\x0e\x32\x13.edgellm.v1.KVDtype\x12\r\n\x05shape\x18\x08 \x03(\r\x12\t\n\x01k\x18\t \x01(\x0c\x12\t\n\x01v\x18\n \x01(\x0c\x12\r\n\x05\x63rc32\x18\x0b \x01(\r\x12\x0f\n\x07is_last\x18\x0c \x01(\x08\x12\x12\n\nnum_chunks\x18\r \x01(\r\x12\x19\n\x11num_prompt_tokens\x18\x0e \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x0f \x01(\x05\x12\x10\n\x08k_scales\x18\x10 \x01(\x0c\x12\x10\n\x08v_scales\x18\x11 \x01(\x0c\x12\x18\n\x10k_channel_scales\x18\x12 \x01(\x0c\x12\x18\n\x10v_channel_scales\x18\x13 \x01(\x0c\x12\x15\n\rprompt_digest\x18\x14 \x01(\x0c\"\x8d\x01\n\x05KVAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12$\n\x1c\x66irst_chunk_received_unix_ns\x18\x04 \x01(\x03\x12#\n\x1blast_chunk_received_unix_ns\x18\x05 \x01(\x03\"\x83\x01\n\rDecodeRequest\x12%\n\x04spec\x18\x06 \x01(\x0b\x32\x17.edgellm.v1.RequestSpecJ\x04\x08\x01\x10\x06R\nrequest_idR\x08samplingR\x0emax_new_tokensR\x10prompt_token_idsR\rnum_generated*o\n\x07KVDtype\x12\x18\n\x14KV_DTYPE_UNSPECIFIED\x10\x00\x12\x11\n\rKV_DTYPE_FP32\x10\x01\x12\x11\n\rKV_DTYPE_FP16\x10\x02\x12\x11\n\rKV_DTYPE_BF16\x10\x03\x12\x11\n\rKV_DTYPE_INT8\x10\x04\x32\x81\x02\n\x06\x44\x65\x63ode\x12\x32\n\x06PushKV\x12\x13.edgellm.v1.KVChunk\x1a\x11.edgellm.v1.KVAck(\x01\x12=\n\x06\x44\x65\x63ode\x12\x19.edgellm.v1.DecodeRequest\x1a\x16.edgellm.v1.TokenDelta0\x01\x12K\n\rGenerateLocal\x12 .edgellm.v1.GenerateLocalRequest\x1a\x16.edgellm.v1.TokenDelta0\x01\x12\x37\n\x07GetLoad\x12\x1a.edgellm.v1.GetLoadRequest\x1a\x10.edgellm.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gellm/v1/decode.proto\x12\nedgellm.v1\x1a\x17\x65\x64gellm/v1/common.proto\"\xd6\x03\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06seq_no\x18\x02 \x01(\r\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x13\n\x0btoken_start\x18\x05 \x01(\r\x12\x11\n\ttoken_end\x18\x06 \x01(\r\x12\"\n\x05\x64type\x18\x07 \x01(\x0e\x32\x13.edgellm.v1.KVDtype\x12\r\n\x05shape\x18\x08 \x03(\r\x12\t\n\x01k\x18\t \x01(\x0c\x12\t\n\x01v\x18\n \x01(\x0c\x12\r\n\x05\x63rc32\x18\x0b \x01(\r\x12\x0f\n\x07is_last\x18\x0c \x01(\x08\x12\x12\n\nnum_chunks\x18\r \x01(\r\x12\x19\n\x11num_prompt_tokens\x18\x0e \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\x0f \x01(\x05\x12\x10\n\x08k_scales\x18\x10 \x01(\x0c\x12\x10\n\x08v_scales\x18\x11 \x01(\x0c\x12\x18\n\x10k_channel_scales\x18\x12 \x01(\x0c\x12\x18\n\x10v_channel_scales\x18\x13 \x01(\x0c\x12\x15\n\rprompt_digest\x18\x14 \x01(\x0c\x12\x12\n\nhead_start\x18\x15 \x01(\r\x12\x10\n\x08head_end\x18\x16 \x01(\r\x12\x12\n\nhead_shard\x18\x17 \x01(\x08\"\x8d\x01\n\x05KVAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12$\n\x1c\x66irst_chunk_received_unix_ns\x18\x04 \x01(\x03\x12#\n\x1blast_chunk_received_unix_ns\x18\x05 \x01(\x03\"\x83\x01\n\rDecodeRequest\x12%\n\x04spec\x18\x06 \x01(\x0b\x32\x17.edgellm.v1.RequestSpecJ\x04\x08\x01\x10\x06R\nrequest_idR\x08samplingR\x0emax_new_tokensR\x10prompt_token_idsR\rnum_generated*o\n\x07KVDtype\x12\x18\n\x14KV_DTYPE_UNSPECIFIED\x10\x00\x12\x11\n\rKV_DTYPE_FP32\x10\x01\x12\x11\n\rKV_DTYPE_FP16\x10\x02\x12\x11\n\rKV_DTYPE_BF16\x10\x03\x12\x11\n\rKV_DTYPE_INT8\x10\x04\x32\x81\x02\n\x06\x44\x65\x63ode\x12\x32\n\x06PushKV\x12\x13.edgellm.v1.KVChunk\x1a\x11.edgellm.v1.KVAck(\x01\x12=\n\x06\x44\x65\x63ode\x12\x19.edgellm.v1.DecodeRequest\x1a\x16.edgellm.v1.TokenDelta0\x01\x12K\n\rGenerateLocal\x12 .edgellm.v1.GenerateLocalRequest\x1a\x16.edgellm.v1.TokenDelta0\x01\x12\x37\n\x07GetLoad\x12\x1a.edgellm.v1.GetLoadRequest\x1a\x10.edgellm.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgellm.v1.decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVDTYPE']._serialized_start=757
-  _globals['_KVDTYPE']._serialized_end=868
+  _globals['_KVDTYPE']._serialized_start=815
+  _globals['_KVDTYPE']._serialized_end=926
   _globals['_KVCHUNK']._serialized_start=65
-  _globals['_KVCHUNK']._serialized_end=477
-  _globals['_KVACK']._serialized_start=480
-  _globals['_KVACK']._serialized_end=621
-  _globals['_DECODEREQUEST']._serialized_start=624
-  _globals['_DECODEREQUEST']._serialized_end=755
-  _globals['_DECODE']._serialized_start=871
-  _globals['_DECODE']._serialized_end=1128
+  _globals['_KVCHUNK']._serialized_end=535
+  _globals['_KVACK']._serialized_start=538
+  _globals['_KVACK']._serialized_end=679
+  _globals['_DECODEREQUEST']._serialized_start=682
+  _globals['_DECODEREQUEST']._serialized_end=813
+  _globals['_DECODE']._serialized_start=929
+  _globals['_DECODE']._serialized_end=1186
 # @@protoc_insertion_point(module_scope)

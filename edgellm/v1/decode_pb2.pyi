@@ -22,7 +22,7 @@ KV_DTYPE_BF16: KVDtype
 KV_DTYPE_INT8: KVDtype
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "seq_no", "layer_start", "layer_end", "token_start", "token_end", "dtype", "shape", "k", "v", "crc32", "is_last", "num_chunks", "num_prompt_tokens", "first_token_id", "k_scales", "v_scales", "k_channel_scales", "v_channel_scales", "prompt_digest")
+    __slots__ = ("request_id", "seq_no", "layer_start", "layer_end", "token_start", "token_end", "dtype", "shape", "k", "v", "crc32", "is_last", "num_chunks", "num_prompt_tokens", "first_token_id", "k_scales", "v_scales", "k_channel_scales", "v_channel_scales", "prompt_digest", "head_start", "head_end", "head_shard")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_NO_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,9 @@ class KVChunk(_message.Message):
     K_CHANNEL_SCALES_FIELD_NUMBER: _ClassVar[int]
     V_CHANNEL_SCALES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    HEAD_START_FIELD_NUMBER: _ClassVar[int]
+    HEAD_END_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SHARD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     seq_no: int
     layer_start: int
@@ -63,7 +66,10 @@ class KVChunk(_message.Message):
     k_channel_scales: bytes
     v_channel_scales: bytes
     prompt_digest: bytes
-    def __init__(self, request_id: _Optional[str] = ..., seq_no: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[_Union[KVDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ..., crc32: _Optional[int] = ..., is_last: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ..., k_scales: _Optional[bytes] = ..., v_scales: _Optional[bytes] = ..., k_channel_scales: _Optional[bytes] = ..., v_channel_scales: _Optional[bytes] = ..., prompt_digest: _Optional[bytes] = ...) -> None: ...
+    head_start: int
+    head_end: int
+    head_shard: bool
+    def __init__(self, request_id: _Optional[str] = ..., seq_no: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[_Union[KVDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ..., crc32: _Optional[int] = ..., is_last: _Optional[bool] = ..., num_chunks: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ..., k_scales: _Optional[bytes] = ..., v_scales: _Optional[bytes] = ..., k_channel_scales: _Optional[bytes] = ..., v_channel_scales: _Optional[bytes] = ..., prompt_digest: _Optional[bytes] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., head_shard: _Optional[bool] = ...) -> None: ...
 
 class KVAck(_message.Message):
     __slots__ = ("request_id", "num_chunks", "num_bytes", "first_chunk_received_unix_ns", "last_chunk_received_unix_ns")
