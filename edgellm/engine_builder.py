@@ -15,6 +15,8 @@ from edgellm.device import resolve_device
 from edgellm.engine.kv_cache import PagedKVCache
 from edgellm.engine.loop import EngineLimits, EngineLoop
 from edgellm.engine.weights import LoadedModel, load_model
+from edgellm.parallel.layout import tp_shards
+from edgellm.parallel.tp import TPGroup, encode_step, shard_model
 from edgellm.placement import engine_threads
 from edgellm.quant.prepare import Int4Settings, load_int4_model
 
@@ -43,18 +45,14 @@ def load_service_model(model_cfg: ModelConfig, service: str, num_threads: int, d
     return load_int4_model(model_cfg.model, int4, model_cfg.int4_checkpoint, num_threads, model_cfg.int4_kernel, device)
 
 
-def build_engine(config: Config, service: str) -> tuple[EngineLoop, LoadedModel]:
-    """Load the service's model onto its device (--prefill-device / --decode-device) and
-    return its started (warmed-up) engine. A device that cannot be used raises
-    DeviceUnavailable before anything loads."""
-    model_cfg, engine_cfg, placement = config.model, config.engine, config.placement
-    device = resolve_device(placement.device(service), f"--{service}-device")
-    num_threads = engine_threads(placement.threads(service))
-    loaded = load_service_model(model_cfg, service, num_threads, device)
-    a = loaded.model.arch
-    dtype = loaded.model.norm.weight.dtype
-    block_bytes = PagedKVCache.bytes_per_block(a.num_layers, engine_cfg.kv_block_size, a.num_kv_heads, a.head_dim, dtype)
-    limits = EngineLimits(
+def engine_limits(config: Config, arch, dtype: torch.dtype) -> EngineLimits:
+    """The engine's sizes from the config: KV blocks from --kv-cache-mb at the whole model's
+    head count (every rank of a tensor-parallel group then has the same number of blocks, each
+    holding its own heads)."""
+    engine_cfg = config.engine
+    block_bytes = PagedKVCache.bytes_per_block(arch.num_layers, engine_cfg.kv_block_size, arch.num_kv_heads,
+                                               arch.head_dim, dtype)
+    return EngineLimits(
         num_blocks=max(1, engine_cfg.kv_cache_mb * 2**20 // block_bytes),
         block_size=engine_cfg.kv_block_size,
         max_batch_tokens=engine_cfg.max_batch_tokens,
@@ -62,7 +60,42 @@ def build_engine(config: Config, service: str) -> tuple[EngineLoop, LoadedModel]
         max_consecutive_prefills=engine_cfg.max_consecutive_prefills,
         max_waiting=config.limits.max_waiting_sequences,
     )
+
+
+def load_for(config: Config, service: str) -> tuple[LoadedModel, torch.device, int]:
+    """The service's model on its device (--prefill-device / --decode-device), and its torch
+    threads. A device that cannot be used raises DeviceUnavailable before anything loads."""
+    device = resolve_device(config.placement.device(service), f"--{service}-device")
+    num_threads = engine_threads(config.placement.threads(service))
+    return load_service_model(config.model, service, num_threads, device), device, num_threads
+
+
+def build_engine(config: Config, service: str) -> tuple[EngineLoop, LoadedModel]:
+    """Load the service's model onto its device and return its started (warmed-up) engine."""
+    loaded, _, num_threads = load_for(config, service)
+    limits = engine_limits(config, loaded.model.arch, loaded.model.norm.weight.dtype)
     engine = EngineLoop(loaded.model, loaded.eos_token_ids, limits, num_threads=num_threads,
-                        weights_label=weights_label(model_cfg, service), cuda_graphs=placement.cuda_graphs)
+                        weights_label=weights_label(config.model, service), cuda_graphs=config.placement.cuda_graphs)
     engine.start()  # returns after the engine thread's warm-up
     return engine, loaded
+
+
+def build_tp_prefill(config: Config) -> tuple[EngineLoop, LoadedModel, TPGroup]:
+    """Rank 0 of a tensor-parallel prefill group: its shard of the model, an engine that
+    publishes every forward pass to the other ranks, started once every rank has joined."""
+    parallel = config.parallel
+    loaded, _, num_threads = load_for(config, "prefill")
+    model = loaded.model
+    limits = engine_limits(config, model.arch, model.norm.weight.dtype)  # before sharding: the whole model's heads
+    group = TPGroup(0, parallel.prefill_tp, parallel.tp_address, parallel.prefill_tp_timeout_s)
+    a = model.arch
+    shard_model(model, tp_shards(a.num_heads, a.num_kv_heads, a.intermediate_size, parallel.prefill_tp)[0],
+                group.all_reduce)
+    model.register_forward_pre_hook(
+        lambda _module, args, kwargs: group.publish(encode_step(args[0], args[0].kv_routes or [])), with_kwargs=True)
+    group.form_as_rank0()  # waits for every rank: the warm-up below already runs on the whole group
+    engine = EngineLoop(model, loaded.eos_token_ids, limits, num_threads=num_threads,
+                        weights_label=f"{weights_label(config.model, 'prefill')} tp{parallel.prefill_tp}",
+                        cuda_graphs=False)  # a replayed graph would skip publishing its step to the workers
+    engine.start()
+    return engine, loaded, group

@@ -52,8 +52,10 @@ def free_port() -> int:
 
 def free_port_argv() -> list[str]:
     """--<service>-port and --<service>-metrics-port flags with free ports for the four services,
-    and --gateway-http-port (the OpenAI-compatible HTTP API)."""
-    flags = [f"--{name}{kind}-port" for name in SERVICES for kind in ("", "-metrics")] + ["--gateway-http-port"]
+    --gateway-http-port (the OpenAI-compatible HTTP API) and --prefill-tp-port (the prefill
+    group's rendezvous, used with --prefill-tp)."""
+    flags = [f"--{name}{kind}-port" for name in SERVICES for kind in ("", "-metrics")] + [
+        "--gateway-http-port", "--prefill-tp-port"]
     return [arg for flag in flags for arg in (flag, str(free_port()))]
 
 
@@ -131,8 +133,17 @@ class Stack:
             return self.config.network.decode_addresses[list(self.decode_replicas).index(name)]
         return f"127.0.0.1:{service_port(name, self.config)}"
 
+    @property
+    def tp_workers(self) -> dict[str, int]:
+        """Process name -> rank of each tensor-parallel prefill worker ("prefill-rank1", ...): no
+        gRPC of their own, rank 0 (the prefill service) drives them."""
+        return {f"prefill-rank{r}": r for r in range(1, self.config.parallel.prefill_tp)}
+
     def _command(self, name: str) -> list[str]:
-        if name not in self.decode_replicas:
+        if name in self.tp_workers:
+            command = service_command("prefill", self.config) + [
+                "--prefill-tp-rank", str(self.tp_workers[name]), "--prefill-metrics-port", "0"]
+        elif name not in self.decode_replicas:
             command = service_command(name, self.config)
         else:
             command = service_command("decode", self.config) + ["--decode-port", str(self.decode_replicas[name])]
@@ -161,7 +172,7 @@ class Stack:
         (none in colocated mode)."""
         names: list[str] = []
         for s in SERVICES:
-            names += list(self.decode_replicas) if s == "decode" else [s]
+            names += list(self.decode_replicas) if s == "decode" else [s, *self.tp_workers] if s == "prefill" else [s]
         return tuple(names)
 
     def start_all(self) -> None:
@@ -180,7 +191,7 @@ class Stack:
 
     def wait_serving(self, names: tuple[str, ...] = SERVICES, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
-        for name in names:
+        for name in (n for n in names if n not in self.tp_workers):  # workers serve nothing: rank 0 waits for them
             while not is_serving(self.address(name), security=self._security_of(name)):
                 proc = self.procs.get(name)
                 if proc is not None and proc.poll() is not None:

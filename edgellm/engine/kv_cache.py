@@ -29,6 +29,10 @@ class ForwardBatch:
     # prefill: each sequence's kept prefix K/V, [L, C, Hkv, D] each (its new tokens, at positions
     # C on, attend to those first); None: no prefix
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    # prefill: where the K/V of prompts that leave this engine goes, for the other ranks of a
+    # tensor-parallel group (each streams its own heads): a layer-KV hook's `route` (a plain dict)
+    # with "rows": [start, end) of its packed tokens
+    kv_routes: list[dict] | None = None
 
 
 @dataclass(frozen=True)

@@ -322,6 +322,8 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             self._warm_up()
+        except Exception:  # noqa: BLE001 - a cold engine still serves; a broken one fails its steps
+            log.exception("engine_warm_up_failed")
         finally:
             self._warm.set()
         while True:

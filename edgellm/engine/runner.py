@@ -143,6 +143,8 @@ class ModelRunner:
         )
         hooks = [(self._hooks[seq.seq_id], cu_seqlens[i], cu_seqlens[i + 1])
                  for i, seq in enumerate(seqs) if seq.seq_id in self._hooks]
+        batch.kv_routes = [dict(hook.route, rows=[start, end]) for hook, start, end in hooks
+                           if getattr(hook, "route", None) is not None]
 
         def on_layer_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             for hook, start, end in hooks:  # each request's K/V: [Hkv, L, D]

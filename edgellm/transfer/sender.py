@@ -49,12 +49,21 @@ class KVStreamSender:
         max_inflight_bytes: int = 32 << 20,
         window_timeout_s: float = 30.0,
         prompt_digest: bytes = b"",
+        layers: tuple[int, int] | None = None,
+        heads: tuple[int, int] | None = None,
+        head_shard: bool = False,
     ) -> None:
-        """prompt_digest: codec.prompt_digest of the prompt, sent on the closing message."""
+        """prompt_digest: codec.prompt_digest of the prompt, sent on the closing message.
+        layers: the layers [start, end) this stream carries (a decode pipeline stage's; None = all
+        num_layers): on_layer_kv takes only those. heads: the KV heads [start, end) its tensors
+        hold, as this tensor-parallel rank's share of the model's (None = all); head_shard: this
+        stream is a non-primary rank's part (no first token on its closing message)."""
         self.request_id = request_id
         self._prompt_digest = prompt_digest
         self.num_prompt_tokens = num_prompt_tokens
-        self._num_layers = num_layers
+        self.layers = layers or (0, num_layers)
+        self._heads = heads or (0, 0)
+        self._head_shard = head_shard
         self._layers_per_chunk = layers_per_chunk
         self._max_chunk_bytes = max_chunk_bytes
         self._wire_dtype = wire_dtype  # None: the prefill's own dtype
@@ -83,11 +92,11 @@ class KVStreamSender:
         self.ack.add_done_callback(lambda _: self._close_window())
 
     def on_layer_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Engine thread: k, v [kv_heads, S, D] of `layer` are final."""
+        """Engine thread: k, v [kv_heads, S, D] of `layer` (one of this stream's layers) are final."""
         if not self._pending:
             self._pending_start = layer
         self._pending.append((k, v))
-        if len(self._pending) == self._layers_per_chunk or layer == self._num_layers - 1:
+        if len(self._pending) == self._layers_per_chunk or layer == self.layers[1] - 1:
             group, start = self._pending, self._pending_start
             self._pending = []
             if self._after_prefill:  # the baseline holds everything until the end by design (no window)
@@ -148,8 +157,9 @@ class KVStreamSender:
                     is_last=True,
                     num_chunks=self.num_chunks,
                     num_prompt_tokens=self.num_prompt_tokens,
-                    first_token_id=item[1],
+                    first_token_id=0 if self._head_shard else item[1],
                     prompt_digest=self._prompt_digest,
+                    head_shard=self._head_shard,
                 )
                 return
             start, group, reserved = item
@@ -158,6 +168,7 @@ class KVStreamSender:
             chunks = codec.encode(self.request_id, start, k, v, self._max_chunk_bytes, self.num_chunks, self._wire_dtype)
             for chunk in chunks:
                 chunk.num_prompt_tokens = self.num_prompt_tokens
+                chunk.head_start, chunk.head_end = self._heads
                 self.num_chunks += 1
                 num_bytes = codec.wire_bytes(chunk)
                 await self._pace(num_bytes)

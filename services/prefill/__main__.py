@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 
 import structlog
 import uvloop
@@ -12,19 +13,29 @@ from edgellm import config as cfg
 from edgellm import logs, metrics
 from edgellm.placement import pin_process
 from edgellm.device import DeviceUnavailable
-from edgellm.engine_builder import build_engine
+from edgellm.engine_builder import build_engine, build_tp_prefill
 from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.routes import follow_routes
 from edgellm.rpc.security import ClusterSecurity, SecurityError
 from edgellm.rpc.server import serve
 from edgellm.v1 import prefill_pb2, prefill_pb2_grpc
+from services.prefill import tp_worker
 from services.prefill.routes import DecodeRoutes
 from services.prefill.servicer import PrefillServicer
 
 
 async def run(config: cfg.Config) -> None:
     security = ClusterSecurity.for_service(config, "prefill")  # before the model loads: a wrong file fails fast
-    engine, loaded = build_engine(config, "prefill")
+    parallel = config.parallel
+    group = tp_heads = None
+    if parallel.prefill_tp > 1:  # rank 0 of a tensor-parallel group: starts once every rank has joined
+        engine, loaded, group = build_tp_prefill(config)
+        a = loaded.model.arch  # rank 0's shard: its KV heads are the first ones
+        tp_heads = (0, a.num_kv_heads)
+        stop_watch = threading.Event()
+        threading.Thread(target=group.supervise, args=(stop_watch,), name="tp-watch", daemon=True).start()
+    else:
+        engine, loaded = build_engine(config, "prefill")
     # KV goes only to decode services of the monitor's route table (followed on its own channel).
     routes = DecodeRoutes()
     channels = ChannelPool(security, admit=routes.admits)
@@ -37,7 +48,8 @@ async def run(config: cfg.Config) -> None:
     metrics.engine_gauges(engine)
     metrics.serve_metrics(config.network.prefill_metrics_port, config.network.host)
 
-    servicer = PrefillServicer(engine, channels, config.transfer)
+    servicer = PrefillServicer(engine, channels, config.transfer, stages_of=routes.stages, tp_heads=tp_heads,
+                               tensor_parallel=parallel.prefill_tp)
     metrics.gauge("edgellm_kv_backup_bytes", "Prompt KV kept for takeovers", lambda: servicer.backup.num_bytes)
     metrics.gauge("edgellm_kv_backup_hits", "Takeovers that reused a kept prompt KV", lambda: servicer.backup.hits)
 
@@ -58,8 +70,11 @@ async def run(config: cfg.Config) -> None:
 
     try:
         await serve("prefill", f"{config.network.host}:{config.network.prefill_port}", register, ready=ready,
-                    on_stop=on_stop, security=security, max_concurrent_rpcs=config.limits.max_concurrent_rpcs)
+                    on_stop=on_stop, security=security, max_concurrent_rpcs=config.limits.max_concurrent_rpcs,
+                    readiness=None if group is None else group.readiness)
     finally:
+        if group is not None:
+            stop_watch.set()
         engine.stop()
 
 
@@ -68,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure("prefill", config.log_level)
     pin_process(config.placement.cpus("prefill"))
     try:
-        uvloop.run(run(config))
+        uvloop.run(run(config) if config.parallel.prefill_tp_rank == 0 else tp_worker.run(config))
     except SecurityError as e:  # a credential or TLS file that cannot be used: never served
         structlog.get_logger("prefill").error("refused_to_start", error=str(e))
         sys.exit(2)

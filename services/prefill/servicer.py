@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 import structlog
@@ -35,7 +35,7 @@ from edgellm.rpc.load import engine_load
 from edgellm.rpc.convert import FAILED_SERVICE_KEY, FINISH_TO_WIRE, check_spec, engine_error_status
 from edgellm.rpc.local import generate_local
 from edgellm.transfer import codec, faults
-from edgellm.transfer.sender import KVStreamSender
+from edgellm.transfer.fanout import KVFanout, unit_targets
 from edgellm.v1 import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.prefill.backup import PromptKVBackup
 
@@ -43,12 +43,20 @@ log = structlog.get_logger(__name__)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: EngineLoop, channels: ChannelPool, transfer: TransferConfig) -> None:
+    def __init__(self, engine: EngineLoop, channels: ChannelPool, transfer: TransferConfig,
+                 stages_of: Callable[[str], tuple] = lambda address: (), tp_heads: tuple[int, int] | None = None,
+                 tensor_parallel: int = 1) -> None:
+        """stages_of: a decode unit's pipeline stages (Load.stages) by its address. tp_heads: rank
+        0's KV heads when the prefill is tensor-parallel (the other ranks stream theirs)."""
         self.engine = engine
         self.channels = channels
         self.transfer = transfer
+        self.stages_of = stages_of
+        self.tp_heads, self.tensor_parallel = tp_heads, tensor_parallel
         self.vocab_size, self.num_layers = engine.info.vocab_size, engine.info.num_layers
-        self.backup = PromptKVBackup(int(transfer.kv_backup_mb * 2**20), transfer.kv_backup_ttl_s)
+        # The kept prompt K/V would hold rank 0's heads only: with TP a takeover recomputes.
+        backup_bytes = 0 if tp_heads is not None else int(transfer.kv_backup_mb * 2**20)
+        self.backup = PromptKVBackup(backup_bytes, transfer.kv_backup_ttl_s)
 
     async def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -61,22 +69,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if not await self.channels.admits(request.decode_address):  # never dial an address a caller made up
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"decode_address {request.decode_address!r} is "
                                 "not a decode service of the monitor's route table")
-        stub = decode_pb2_grpc.DecodeStub(self.channels.get(request.decode_address))
-        sender = KVStreamSender(
-            stub,
-            spec.request_id,
-            len(spec.prompt_token_ids),
-            self.num_layers,
-            self.transfer.kv_layers_per_chunk,
-            self.transfer.kv_max_chunk_bytes,
-            max_inflight_bytes=int(self.transfer.kv_max_inflight_mb * 2**20),
-            window_timeout_s=self.transfer.kv_wait_timeout_s,
-            wire_dtype=codec.TRANSFER_DTYPES.get(self.transfer.kv_transfer_dtype),
-            fault=faults.fault_for(spec.request_id) if self.transfer.kv_fault_injection else None,
-            link_mbps=self.transfer.kv_link_mbps,
-            after_prefill=self.transfer.kv_send_after_prefill,
-            prompt_digest=codec.prompt_digest(spec.prompt_token_ids),
-        )
+        try:
+            sender = self._fanout(spec, request.decode_address)
+        except ValueError as e:  # the unit's advertised stages do not add up
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         kept = None if spec.num_generated else self._keeper(len(spec.prompt_token_ids))
         # A takeover moving to another decode service reuses the prompt K/V kept here: only the
         # tokens already streamed are computed, and the stream carries the kept K/V with theirs.
@@ -89,6 +85,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             if prefix is not None and k.shape[1] < len(spec.prompt_token_ids):  # the engine used the prefix
                 k, v = torch.cat((prefix[0][layer], k), dim=1), torch.cat((prefix[1][layer], v), dim=1)
             sender.on_layer_kv(layer, k, v)
+        on_layer_kv.route = self._route(spec, sender) if self.tp_heads is not None else None  # the other ranks' part
 
         try:
             result = await self.engine.prefill(
@@ -117,11 +114,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 trailing_metadata=((FAILED_SERVICE_KEY, request.decode_address),),
             )
         except grpc.aio.AioRpcError as e:
-            log.warning("kv_push_failed", decode=request.decode_address, code=e.code().name, details=e.details())
+            stage = sender.failed_address(e)
+            log.warning("kv_push_failed", decode=request.decode_address, stage=stage, code=e.code().name,
+                        details=e.details())
             # DATA_LOSS (decode rejected a damaged stream) is passed on: the gateway then sends the
             # KV again to the same decode service instead of treating that service as failed.
             code = grpc.StatusCode.DATA_LOSS if e.code() == grpc.StatusCode.DATA_LOSS else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"KV transfer to {request.decode_address} failed: {e.details()}",
+            where = request.decode_address if stage == request.decode_address else f"{request.decode_address} (stage {stage})"
+            await context.abort(code, f"KV transfer to {where} failed: {e.details()}",
                                 trailing_metadata=((FAILED_SERVICE_KEY, request.decode_address),))
         except EngineError as e:  # this request failed in the engine (the rest of its batch went on)
             sender.abort()
@@ -151,6 +151,44 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             kv=ack,
         )
 
+    def _fanout(self, spec: common_pb2.RequestSpec, decode_address: str) -> KVFanout:
+        """This request's KV streams: one per stage of the decode unit (its Load.stages, from the
+        monitor's table), opened now so they are set up before the first layer is done."""
+        t = self.transfer
+        targets = unit_targets(decode_address, self.stages_of(decode_address), self.num_layers)
+        return KVFanout(
+            targets,
+            lambda address: decode_pb2_grpc.DecodeStub(self.channels.get(address)),
+            spec.request_id,
+            len(spec.prompt_token_ids),
+            self.num_layers,
+            layers_per_chunk=t.kv_layers_per_chunk,
+            max_chunk_bytes=t.kv_max_chunk_bytes,
+            max_inflight_bytes=int(t.kv_max_inflight_mb * 2**20),
+            window_timeout_s=t.kv_wait_timeout_s,
+            wire_dtype=codec.TRANSFER_DTYPES.get(t.kv_transfer_dtype),
+            fault=faults.fault_for(spec.request_id) if t.kv_fault_injection else None,
+            link_mbps=t.kv_link_mbps,
+            after_prefill=t.kv_send_after_prefill,
+            prompt_digest=codec.prompt_digest(spec.prompt_token_ids),
+            heads=self.tp_heads,
+        )
+
+    def _route(self, spec: common_pb2.RequestSpec, fanout: KVFanout) -> dict:
+        """Where the other ranks of the tensor-parallel group send their heads of this prompt's KV
+        (JSON-able: it travels in the step rank 0 publishes)."""
+        t = self.transfer
+        return {
+            "request_id": spec.request_id,
+            "num_prompt_tokens": len(spec.prompt_token_ids),
+            "digest": codec.prompt_digest(spec.prompt_token_ids).hex(),
+            "targets": [[x.address, x.layer_start, x.layer_end] for x in fanout.targets],
+            "sender": {"layers_per_chunk": t.kv_layers_per_chunk, "max_chunk_bytes": t.kv_max_chunk_bytes,
+                       "max_inflight_bytes": int(t.kv_max_inflight_mb * 2**20),
+                       "window_timeout_s": t.kv_wait_timeout_s, "wire_dtype": t.kv_transfer_dtype,
+                       "link_mbps": t.kv_link_mbps},
+        }
+
     def _keeper(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Room for one prompt's K/V, [L, Hkv, P, D] each, filled layer by layer as the forward pass
         runs; None when the backup is off or could not hold it."""
@@ -171,4 +209,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             yield delta
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.Load:
-        return engine_load(self.engine)
+        load = engine_load(self.engine)
+        load.tensor_parallel = self.tensor_parallel
+        return load

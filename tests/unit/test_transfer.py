@@ -315,3 +315,63 @@ def test_the_closing_message_carries_the_prompt_digest():
     chunks[-1].prompt_digest = prompt_digest(range(TOKENS))
     got = asyncio.run(new_store().receive(feed(chunks)))
     assert got.prompt_digest == prompt_digest(list(range(TOKENS)))
+
+
+# ---- several streams per request: head shards (tensor-parallel prefill), layer ranges (stages) ----
+
+
+def shard_stream(k, v, heads, primary, layers=(0, LAYERS)):
+    chunks = []
+    for layer in range(*layers):
+        for c in codec.encode("r1", layer, k[layer:layer + 1, heads[0]:heads[1]], v[layer:layer + 1, heads[0]:heads[1]],
+                              1 << 20, len(chunks)):
+            c.num_prompt_tokens, c.head_start, c.head_end = TOKENS, *heads
+            chunks.append(c)
+    last = decode_pb2.KVChunk(request_id="r1", seq_no=len(chunks), is_last=True, num_chunks=len(chunks),
+                              num_prompt_tokens=TOKENS, first_token_id=7 if primary else 0, head_shard=not primary)
+    return chunks + [last]
+
+
+async def test_head_shards_assemble_and_the_primary_acks_only_when_all_arrived():
+    k, v = prompt_kv()
+    store = new_store()
+    primary = asyncio.create_task(store.receive(feed(shard_stream(k, v, (0, 1), primary=True))))
+    await asyncio.sleep(0.05)
+    assert not primary.done()  # head 1 has not arrived: the primary's ack waits
+    receipt = await store.receive(feed(shard_stream(k, v, (1, 2), primary=False)))
+    got = await asyncio.wait_for(primary, 1)
+    assert receipt.num_chunks == LAYERS and got.first_token_id == 7
+    assert torch.equal(got.k, k) and torch.equal(got.v, v)
+    assert torch.equal((await store.claim("r1", 1)).k, k)
+
+
+async def test_overlapping_heads_are_refused_and_a_failed_shard_fails_the_request():
+    from edgellm.transfer.receiver import KVExists
+
+    k, v = prompt_kv()
+    store = new_store()
+    primary = asyncio.create_task(store.receive(feed(shard_stream(k, v, (0, 1), primary=True))))
+    await asyncio.sleep(0.05)
+    with pytest.raises(KVExists, match="heads"):
+        await store.receive(feed(shard_stream(k, v, (0, 2), primary=False)))
+    broken = shard_stream(k, v, (1, 2), primary=False)
+    broken[1].crc32 ^= 1
+    with pytest.raises(codec.ChunkError):
+        await store.receive(feed(broken))
+    with pytest.raises(codec.ChunkError, match="another stream"):
+        await asyncio.wait_for(primary, 1)
+    assert store.num_staged_bytes == 0 and len(store) == 0
+
+
+def test_a_stage_store_holds_its_layers_only():
+    from edgellm.transfer.receiver import InvalidKV
+
+    k, v = prompt_kv()
+    stage = KVStore(LAYERS, HEADS, DIM, torch.float32, ttl_s=60, vocab_size=VOCAB, max_context=CONTEXT,
+                    layer_range=(2, 4))
+    got = asyncio.run(stage.receive(feed(shard_stream(k, v, (0, HEADS), primary=True, layers=(2, 4)))))
+    assert torch.equal(got.k, k[2:4]) and torch.equal(got.v, v[2:4])
+    stage = KVStore(LAYERS, HEADS, DIM, torch.float32, ttl_s=60, vocab_size=VOCAB, max_context=CONTEXT,
+                    layer_range=(2, 4))
+    with pytest.raises(InvalidKV, match=r"inside layers \[2, 4\)"):
+        asyncio.run(stage.receive(feed(shard_stream(k, v, (0, HEADS), primary=True))))
