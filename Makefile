@@ -11,7 +11,7 @@ GPU_PY ?= python3
 BENCH_GPU_ARGS ?=
 BENCH_PEERS_ARGS ?=
 
-.PHONY: setup run test test-fast bench bench-precision bench-kv bench-faults bench-gateway fuzz protos clean test-gpu bench-gpu peers-setup bench-peers
+.PHONY: setup run test test-fast bench bench-precision bench-kv bench-faults bench-gateway bench-parallel fuzz protos clean test-gpu bench-gpu peers-setup bench-peers
 
 setup: $(STAMP)
 	@# Converts the default model and makes the decode service's INT4-AWQ checkpoint (about a
@@ -48,6 +48,11 @@ bench-kv: setup
 
 bench-faults: setup
 	$(PY) -m bench.faults
+
+bench-parallel: setup
+	@# One phase over two devices (a core each; the second behind a shaped link where root allows):
+	@# TP prefill 1 vs 2 ranks, decode stages 1 vs 2 -> bench/results/parallel.json and tables.
+	$(PY) -m bench.parallel
 
 bench-gateway: setup
 	@# Short requests admitted per second (HTTP, gRPC) and the latency the gateway adds per token,

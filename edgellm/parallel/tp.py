@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import socket
 import threading
 import time
 from typing import Callable
@@ -160,9 +161,11 @@ class TPGroup:
     def form(self, generation: int, store: TCPStore | None = None) -> bool:
         """Join generation `generation` of the group (rendezvous through `store`, default this
         rank's client); False if not every rank came in time."""
+        options = ProcessGroupGloo._Options()
+        options._timeout = self._timeout
+        options._devices = [ProcessGroupGloo.create_device(hostname=self._local_ip())]
         try:
-            pg = ProcessGroupGloo(PrefixStore(f"g{generation}", store or self._store), self.rank, self.world,
-                                  self._timeout)
+            pg = ProcessGroupGloo(PrefixStore(f"g{generation}", store or self._store), self.rank, self.world, options)
         except RuntimeError as e:
             log.info("tp_form_failed", generation=generation, error=str(e)[:200])
             return False
@@ -208,6 +211,16 @@ class TPGroup:
                 last = whole
                 yield whole
             await asyncio.sleep(0.05)
+
+    def _local_ip(self) -> str:
+        """The address this rank's collectives use: the one its machine reaches rank 0 from (rank 0:
+        the rendezvous address itself), so ranks on separate devices or network namespaces find
+        each other without naming an interface."""
+        if self.rank == 0:
+            return self.host
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((self.host, self.port))  # no packet: only picks the route
+            return probe.getsockname()[0]
 
     def fail(self, reason: str) -> None:
         """Drop the group (a collective failed, a rank stopped answering): later steps fail at once."""

@@ -261,6 +261,8 @@ class KVStore:
                     if chunk.token_end == num_prompt:
                         entry.complete[row, heads[0]:heads[1]] = True
                 num_bytes += codec.wire_bytes(chunk)
+                entry.num_chunks += 1  # the request's totals, over all its streams
+                entry.num_bytes += codec.wire_bytes(chunk)
             raise codec.ChunkError("stream closed without its closing message")
         except BaseException as e:
             if request_id is not None:
@@ -277,8 +279,6 @@ class KVStore:
         if entry is None or any(covered.get(layer, 0) != entry.num_prompt
                                 for layer in range(self.layer_start, self.layer_end)):
             raise codec.ChunkError("stream ended before every layer's KV arrived")
-        entry.num_chunks += num_chunks
-        entry.num_bytes += num_bytes
         entry.first_ns = min(entry.first_ns or first_ns, first_ns)
         if chunk.head_shard:
             self._complete_if_done(chunk.request_id, entry)
