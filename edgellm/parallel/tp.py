@@ -144,6 +144,7 @@ class TPGroup:
         self.broken = True  # until formed
         self.reason = "not formed yet"
         self._lock = threading.Lock()
+        self._beats: dict[int, tuple[bytes, float]] = {}  # rank 0: worker -> (last heartbeat, when it changed)
 
     def _connect(self, is_master: bool = False) -> TCPStore:
         """A store client (rank 0's first one also serves the store). Workers retry until rank 0 listens."""
@@ -172,6 +173,7 @@ class TPGroup:
         with self._lock:
             self._pg, self.generation, self._step = pg, generation, 0
             self.broken, self.reason = False, ""
+            self._beats.clear()  # heartbeats are judged afresh from now on
         log.info("tp_group_formed", rank=self.rank, world=self.world, generation=generation)
         return True
 
@@ -258,13 +260,16 @@ class TPGroup:
         self._step += 1
 
     def stale_ranks(self, store: TCPStore) -> list[int]:
-        """Rank 0: workers whose heartbeat is older than timeout_s (read through `store`, a client
-        of this thread's own)."""
-        now, stale = time.time(), []
+        """Rank 0: workers whose heartbeat counter has not moved for timeout_s, by this machine's
+        own clock (read through `store`, a client of this thread's own; boards' clocks may differ)."""
+        now, stale = time.monotonic(), []
         for rank in range(1, self.world):
             key = f"alive/{rank}"
-            beat = float(store.get(key)) if store.check([key]) else 0.0
-            if now - beat > self.timeout_s:
+            beat = store.get(key) if store.check([key]) else b""
+            last = self._beats.get(rank)
+            if last is None or last[0] != beat:
+                self._beats[rank] = (beat, now)
+            elif now - last[1] > self.timeout_s:
                 stale.append(rank)
         return stale
 
@@ -278,11 +283,12 @@ class TPGroup:
     # ---- workers ---------------------------------------------------------------------------
     def heartbeat_forever(self) -> None:
         """Worker thread: say this rank is alive every HEARTBEAT_S (through its own client)."""
-        store = None
+        store, beat = None, 0
         while True:
             try:
                 store = store or self._connect()
-                store.set(f"alive/{self.rank}", repr(time.time()))
+                beat += 1
+                store.set(f"alive/{self.rank}", str(beat))
             except Exception:  # noqa: BLE001 - rank 0 gone: reconnect when it is back
                 store = None
             time.sleep(HEARTBEAT_S)
