@@ -147,6 +147,10 @@ OPTIONS: tuple[Option, ...] = (
            "--api-keys-file), HTTP and gRPC together; over it: HTTP 429 / RESOURCE_EXHAUSTED; 0 = off"),
     Option("rate_limit_tpm", int, 0, "gateway: prompt + completion tokens per minute per API key (per client "
            "address without --api-keys-file); a request is admitted while any budget is left; 0 = off"),
+    Option("backup_follow_tokens", int, 8, "gateway: every this many streamed tokens, while no prompt waits for "
+           "prefill, ask the request's prefill service to extend its kept KV with them (ExtendBackup), so a "
+           "takeover after a decode failure recomputes at most this many tokens; 0 = off (a takeover recomputes "
+           "every streamed token)"),
     # security (issue 13): closed doors between services and at the public entry
     Option("cluster_token_file", str, "", "file holding the cluster credential every internal RPC must carry "
            "(`edgellm up` makes one); empty = internal RPCs are open, which a service allows only on loopback"),

@@ -246,8 +246,11 @@ class GatewayConfig:
     migrate: bool
     rate_limit_rpm: int
     rate_limit_tpm: int
+    backup_follow_tokens: int
 
     def __post_init__(self) -> None:
+        if self.backup_follow_tokens < 0:
+            raise ValueError("backup_follow_tokens must be >= 0 (0 = off)")
         for name in ("default_max_tokens", "max_inflight_prefills"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

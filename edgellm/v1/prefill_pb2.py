@@ -26,7 +26,7 @@ from edgellm.v1 import common_pb2 as edgellm_dot_v1_dot_common__pb2
 from edgellm.v1 import decode_pb2 as edgellm_dot_v1_dot_decode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gellm/v1/prefill.proto\x12\nedgellm.v1\x1a\x17\x65\x64gellm/v1/common.proto\x1a\x17\x65\x64gellm/v1/decode.proto\"\xb4\x01\n\x0ePrefillRequest\x12%\n\x04spec\x18\x07 \x01(\x0b\x32\x17.edgellm.v1.RequestSpec\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\tJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07R\nrequest_idR\x10prompt_token_idsR\x08samplingR\x0emax_new_tokensR\rnum_generated\"\xe4\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x1d\n\x15\x66orward_start_unix_ns\x18\x04 \x01(\x03\x12\x1b\n\x13\x66orward_end_unix_ns\x18\x05 \x01(\x03\x12\x1d\n\x02kv\x18\x06 \x01(\x0b\x32\x11.edgellm.v1.KVAck\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.edgellm.v1.FinishReason2\xd3\x01\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.edgellm.v1.PrefillRequest\x1a\x1b.edgellm.v1.PrefillResponse\x12K\n\rGenerateLocal\x12 .edgellm.v1.GenerateLocalRequest\x1a\x16.edgellm.v1.TokenDelta0\x01\x12\x37\n\x07GetLoad\x12\x1a.edgellm.v1.GetLoadRequest\x1a\x10.edgellm.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gellm/v1/prefill.proto\x12\nedgellm.v1\x1a\x17\x65\x64gellm/v1/common.proto\x1a\x17\x65\x64gellm/v1/decode.proto\"\xb4\x01\n\x0ePrefillRequest\x12%\n\x04spec\x18\x07 \x01(\x0b\x32\x17.edgellm.v1.RequestSpec\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\tJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07R\nrequest_idR\x10prompt_token_idsR\x08samplingR\x0emax_new_tokensR\rnum_generated\"\xe4\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x1d\n\x15\x66orward_start_unix_ns\x18\x04 \x01(\x03\x12\x1b\n\x13\x66orward_end_unix_ns\x18\x05 \x01(\x03\x12\x1d\n\x02kv\x18\x06 \x01(\x0b\x32\x11.edgellm.v1.KVAck\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.edgellm.v1.FinishReason\"<\n\x13\x45xtendBackupRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.edgellm.v1.RequestSpec\"/\n\x14\x45xtendBackupResponse\x12\x17\n\x0fnum_kept_tokens\x18\x01 \x01(\r2\xa6\x02\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.edgellm.v1.PrefillRequest\x1a\x1b.edgellm.v1.PrefillResponse\x12Q\n\x0c\x45xtendBackup\x12\x1f.edgellm.v1.ExtendBackupRequest\x1a .edgellm.v1.ExtendBackupResponse\x12K\n\rGenerateLocal\x12 .edgellm.v1.GenerateLocalRequest\x1a\x16.edgellm.v1.TokenDelta0\x01\x12\x37\n\x07GetLoad\x12\x1a.edgellm.v1.GetLoadRequest\x1a\x10.edgellm.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_end=271
   _globals['_PREFILLRESPONSE']._serialized_start=274
   _globals['_PREFILLRESPONSE']._serialized_end=502
-  _globals['_PREFILL']._serialized_start=505
-  _globals['_PREFILL']._serialized_end=716
+  _globals['_EXTENDBACKUPREQUEST']._serialized_start=504
+  _globals['_EXTENDBACKUPREQUEST']._serialized_end=564
+  _globals['_EXTENDBACKUPRESPONSE']._serialized_start=566
+  _globals['_EXTENDBACKUPRESPONSE']._serialized_end=613
+  _globals['_PREFILL']._serialized_start=616
+  _globals['_PREFILL']._serialized_end=910
 # @@protoc_insertion_point(module_scope)

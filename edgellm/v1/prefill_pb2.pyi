@@ -32,3 +32,15 @@ class PrefillResponse(_message.Message):
     kv: _decode_pb2.KVAck
     finish_reason: _common_pb2.FinishReason
     def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., forward_start_unix_ns: _Optional[int] = ..., forward_end_unix_ns: _Optional[int] = ..., kv: _Optional[_Union[_decode_pb2.KVAck, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ...) -> None: ...
+
+class ExtendBackupRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: _common_pb2.RequestSpec
+    def __init__(self, spec: _Optional[_Union[_common_pb2.RequestSpec, _Mapping]] = ...) -> None: ...
+
+class ExtendBackupResponse(_message.Message):
+    __slots__ = ("num_kept_tokens",)
+    NUM_KEPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    num_kept_tokens: int
+    def __init__(self, num_kept_tokens: _Optional[int] = ...) -> None: ...

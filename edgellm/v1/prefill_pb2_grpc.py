@@ -40,6 +40,11 @@ class PrefillStub:
                 request_serializer=edgellm_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=edgellm_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.ExtendBackup = channel.unary_unary(
+                '/edgellm.v1.Prefill/ExtendBackup',
+                request_serializer=edgellm_dot_v1_dot_prefill__pb2.ExtendBackupRequest.SerializeToString,
+                response_deserializer=edgellm_dot_v1_dot_prefill__pb2.ExtendBackupResponse.FromString,
+                _registered_method=True)
         self.GenerateLocal = channel.unary_stream(
                 '/edgellm.v1.Prefill/GenerateLocal',
                 request_serializer=edgellm_dot_v1_dot_common__pb2.GenerateLocalRequest.SerializeToString,
@@ -56,6 +61,12 @@ class PrefillServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prefill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExtendBackup(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +91,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=edgellm_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=edgellm_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
+            ),
+            'ExtendBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendBackup,
+                    request_deserializer=edgellm_dot_v1_dot_prefill__pb2.ExtendBackupRequest.FromString,
+                    response_serializer=edgellm_dot_v1_dot_prefill__pb2.ExtendBackupResponse.SerializeToString,
             ),
             'GenerateLocal': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateLocal,
@@ -119,6 +135,33 @@ class Prefill:
             '/edgellm.v1.Prefill/Prefill',
             edgellm_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             edgellm_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgellm.v1.Prefill/ExtendBackup',
+            edgellm_dot_v1_dot_prefill__pb2.ExtendBackupRequest.SerializeToString,
+            edgellm_dot_v1_dot_prefill__pb2.ExtendBackupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,6 +28,7 @@ import structlog
 from edgellm import metrics
 from edgellm.config import GatewayConfig
 from edgellm.v1 import monitor_pb2
+from services.gateway.backup_follow import BackupFollower
 from services.gateway.errors import Unavailable
 from services.gateway.pools import Pools
 from services.gateway.request import Request
@@ -59,6 +60,7 @@ class Migrator:
                 metrics.DEGRADED_REQUESTS.labels("prefill" if route.decode is None else "decode").inc()
             log.info("routed", attempt=attempt, prefill=route.prefill, decode=route.decode, num_sent=len(req.generated))
             streaming = route.decode or route.prefill
+            follower = BackupFollower(self.upstream, self.pools, self.cfg.backup_follow_tokens)
             try:
                 attempt_tokens = self._until_down(self.upstream.attempt(req, route, attempt), route)
                 async with contextlib.aclosing(attempt_tokens) as items:
@@ -72,6 +74,8 @@ class Migrator:
                                      takeover_s=round(now - routed_at, 4))
                             path_failed_at = 0.0
                         yield item
+                        if route.is_split:  # the caller appended the token: the prefill service may keep up
+                            follower.after_token(req, route.prefill)
                 return
             except PathFailed as e:
                 path_failed_at = time.monotonic()
@@ -88,6 +92,8 @@ class Migrator:
                     failed_at[e.failed] = self.router.up_count[e.failed]
                 to = "decode" if self.router.has_decode(self._avoid(failed_at)) else "prefill"
                 metrics.MIGRATIONS.labels(e.reason, to).inc()
+            finally:
+                follower.cancel()
 
     def _avoid(self, failed_at: dict[str, int]) -> set[str]:
         """The services this request still avoids: those that failed it and have not come back up since."""

@@ -87,12 +87,16 @@ class Upstream:
         self.channels = channels
         self.label_ids = label_ids
 
+    def _base_id(self, req: Request) -> str:
+        """The request's internal id; attempt n > 1 appends "/n" (prefill's backup.py keys by this base)."""
+        label = req.request_id.replace("/", "_")  # "/" separates the attempt
+        return f"{label}.{req.upstream_id}" if self.label_ids else req.upstream_id
+
     def attempt(self, req: Request, route: Route, attempt: int) -> Tokens:
         """The tokens of one attempt along `route` (attempt counts from 1)."""
         # Each attempt has its own internal id, made by the gateway and never the client's label: a
         # decode service never mixes KV of two attempts, nor of two requests with one request_id.
-        label = req.request_id.replace("/", "_")  # "/" separates the attempt (prefill's backup.py reads it)
-        base = f"{label}.{req.upstream_id}" if self.label_ids else req.upstream_id
+        base = self._base_id(req)
         upstream_id = base if attempt == 1 else f"{base}/{attempt}"
         if route.is_split:
             return self._split(req, upstream_id, route.prefill, route.decode)
@@ -125,6 +129,14 @@ class Upstream:
         async with contextlib.aclosing(_token_stream(call, decode_address)) as items:
             async for item in items:
                 yield item
+
+    async def extend_backup(self, req: Request, prefill_address: str) -> int:
+        """Ask the prefill service holding the request's kept KV to extend it with the tokens
+        streamed so far; returns how many tokens it now keeps."""
+        stub = prefill_pb2_grpc.PrefillStub(self.channels.get(prefill_address))
+        reply = await stub.ExtendBackup(prefill_pb2.ExtendBackupRequest(spec=request_spec(req, self._base_id(req))),
+                                        timeout=req.timeout())
+        return reply.num_kept_tokens
 
     def _local(self, req: Request, upstream_id: str, address: str, generate_local) -> Tokens:
         """One engine runs the whole request (degraded, no-prefill or colocated), or its rest."""

@@ -52,6 +52,8 @@ async def run(config: cfg.Config) -> None:
                                tensor_parallel=parallel.prefill_tp)
     metrics.gauge("edgellm_kv_backup_bytes", "Prompt KV kept for takeovers", lambda: servicer.backup.num_bytes)
     metrics.gauge("edgellm_kv_backup_hits", "Takeovers that reused a kept prompt KV", lambda: servicer.backup.hits)
+    metrics.gauge("edgellm_kv_backup_extensions", "Kept KV extended with a request's streamed tokens",
+                  lambda: servicer.backup.extensions)
 
     def register(server):
         prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server)

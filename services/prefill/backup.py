@@ -2,10 +2,13 @@
 
 When a request's decode service fails, the gateway moves it here (degraded mode) with the
 prompt and the tokens already streamed. With the prompt's K/V still here, the takeover
-computes only the streamed tokens instead of the whole prompt again. Entries are keyed by
-the gateway's request id (an attempt's upstream id is `<id>/<n>`), used only when the new
-request's tokens start with exactly the kept prompt, dropped after `ttl_s`, and the oldest go
-first when they would take more than `max_bytes`.
+computes only the streamed tokens instead of the whole prompt again. While the request
+decodes elsewhere, the gateway asks this service now and then to extend the entry with the
+tokens streamed since (ExtendBackup, --backup-follow-tokens): a takeover then recomputes only
+the few tokens after the last extension. Entries are keyed by the gateway's request id (an
+attempt's upstream id is `<id>/<n>`), used only when the new request's tokens start with
+exactly the kept ones, dropped after `ttl_s` without use or extension, and the oldest go first
+when they would take more than `max_bytes`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class PromptKVBackup:
         self._entries: collections.OrderedDict[str, KeptPrompt] = collections.OrderedDict()
         self.num_bytes = 0
         self.hits = 0
+        self.extensions = 0  # ExtendBackup calls that added tokens
 
     @property
     def enabled(self) -> bool:
@@ -55,14 +59,20 @@ class PromptKVBackup:
         while self.num_bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
 
-    def get(self, request_id: str, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The kept prompt K/V of this request, if token_ids starts with that very prompt."""
+    def get(self, request_id: str, token_ids: list[int], count_hit: bool = True,
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept K/V of this request's first tokens ([L, Hkv, C, D] each), if token_ids starts
+        with exactly those tokens. At most len(token_ids) - 1 of them: a prefill computes at least
+        the last token (its logits give the next one)."""
         self._expire()
         entry = self._entries.get(base_request_id(request_id))
         if entry is None or list(token_ids[: len(entry.token_ids)]) != entry.token_ids:
             return None
-        self.hits += 1
-        return entry.k, entry.v
+        num_kept = min(len(entry.token_ids), len(token_ids) - 1)
+        if num_kept < 1:
+            return None
+        self.hits += count_hit
+        return entry.k[:, :, :num_kept], entry.v[:, :, :num_kept]
 
     def _expire(self) -> None:
         now = time.monotonic()

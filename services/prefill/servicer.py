@@ -28,6 +28,7 @@ import torch
 from edgellm import metrics
 from edgellm.config import TransferConfig
 from edgellm.engine.loop import EngineError, EngineLoop
+from edgellm.engine.sampling_params import SamplingParams
 from edgellm.engine.weights import TORCH_DTYPES
 from edgellm.logs import bind_request
 from edgellm.rpc.channels import ChannelPool
@@ -199,12 +200,40 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             return None
         return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
 
+    async def ExtendBackup(
+        self, request: prefill_pb2.ExtendBackupRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.ExtendBackupResponse:
+        """Compute the K/V of the tokens a request streamed since its kept K/V and keep them too."""
+        spec = request.spec
+        bind_request(spec.request_id)
+        token_ids = list(spec.prompt_token_ids)
+        kept = self.backup.get(spec.request_id, token_ids, count_hit=False)
+        if kept is None:  # nothing kept here (expired, evicted, or prefilled elsewhere): nothing to extend
+            return prefill_pb2.ExtendBackupResponse(num_kept_tokens=0)
+        num_kept = kept[0].shape[2]
+        if len(token_ids) - num_kept < 2:  # the last token stays to be computed by a takeover anyway
+            return prefill_pb2.ExtendBackupResponse(num_kept_tokens=num_kept)
+        token_ids = token_ids[:-1]  # its K/V is what a takeover computes to sample the next token
+        new: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            await self.engine.prefill(f"{spec.request_id}+backup", token_ids, SamplingParams(), 2,
+                                      lambda layer, k, v: new.append((k, v)), prefix_kv=kept)
+        except EngineError as e:
+            await context.abort(engine_error_status(e), str(e))
+        k = torch.cat((kept[0], torch.stack([k for k, _ in new])), dim=2)
+        v = torch.cat((kept[1], torch.stack([v for _, v in new])), dim=2)
+        self.backup.put(spec.request_id, token_ids, k, v)
+        self.backup.extensions += 1
+        return prefill_pb2.ExtendBackupResponse(num_kept_tokens=len(token_ids))
+
     async def GenerateLocal(
         self, request: common_pb2.GenerateLocalRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.TokenDelta]:
         spec = request.spec
         # A takeover (num_generated > 0) of a request prefilled here reuses its prompt's K/V.
         kept = self.backup.get(spec.request_id, list(spec.prompt_token_ids)) if spec.num_generated else None
+        if spec.num_generated:
+            log.info("takeover", num_tokens=len(spec.prompt_token_ids), num_kept_tokens=0 if kept is None else kept[0].shape[2])
         async for delta in generate_local(self.engine, request, context, prefix_kv=kept):
             yield delta
 

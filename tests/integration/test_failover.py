@@ -10,6 +10,7 @@ ends with its text or a clear status, never a hang (the client's deadline would 
 """
 
 import contextlib
+import json
 import shutil
 import signal
 import time
@@ -67,6 +68,11 @@ def stop(stack) -> None:
     shutil.rmtree(stack.log_dir, ignore_errors=True)
 
 
+def log_events(stack, name: str, event: str) -> list[dict]:
+    with open(f"{stack.log_dir}/{name}.log") as f:
+        return [e for e in map(json.loads, (line for line in f if line.startswith("{"))) if e.get("event") == event]
+
+
 def count_in_log(stack, name: str, event: str) -> int:
     with open(f"{stack.log_dir}/{name}.log") as f:
         return f.read().count(f'"event": "{event}"')
@@ -76,16 +82,22 @@ def count_in_log(stack, name: str, event: str) -> int:
 def test_kill9_of_the_only_decode_service(tiny_model_dir, expected, migrate):
     stack = start_stack(stack_config(tiny_model_dir, migrate=str(migrate).lower()))
     try:
-        run = run_with_fault_sync(stack.address("gateway"), PROMPTS, MAX_TOKENS, fault=lambda: stack.kill("decode"))
+        run = run_with_fault_sync(stack.address("gateway"), PROMPTS, MAX_TOKENS, fault=lambda: stack.kill("decode"),
+                                  after_tokens=40)
         check_outcome(run, expected, migrate)
         if migrate:  # each stream went on in degraded mode, on the prefill service
             m = gateway_metrics(stack)
             assert metric(m, "edgellm_migrations_total", 'to="prefill"') >= len(PROMPTS)
             assert metric(m, "edgellm_degraded_requests_total", 'engine="prefill"') >= len(PROMPTS)
             assert metric(m, "edgellm_failures_detected_total") >= 1
-            # the prefill service kept each prompt's KV: the takeovers recomputed only the streamed tokens
+            # the prefill service kept each prompt's KV, extended while the streams ran
+            # (--backup-follow-tokens 8): the takeovers recomputed a few streamed tokens, not all 40+
             prefill = scrape(stack.config.network.prefill_metrics_port)
             assert metric(prefill, "edgellm_kv_backup_hits") >= len(PROMPTS)
+            assert metric(prefill, "edgellm_kv_backup_extensions") >= len(PROMPTS)
+            takeovers = log_events(stack, "prefill", "takeover")
+            recomputed = [t["num_tokens"] - t["num_kept_tokens"] for t in takeovers]
+            assert len(takeovers) >= len(PROMPTS) and sum(recomputed) / len(recomputed) < 20, recomputed
     finally:
         stop(stack)
 
