@@ -21,6 +21,8 @@ drop their group and join the next one.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime
 import json
 import socket
@@ -75,8 +77,6 @@ class RowParallel(nn.Module):
 def shard_model(model: LlamaModel, shard: HeadShard, all_reduce: Callable[[torch.Tensor], None]) -> None:
     """Keep only this rank's heads and MLP channels of every layer (in place). model.arch then
     describes the shard (its head counts), so the engine sizes its KV cache for its own heads."""
-    import dataclasses
-
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         d = attn.head_dim
@@ -205,8 +205,6 @@ class TPGroup:
 
     async def readiness(self):
         """Rank 0's health for serve(): True while the group is whole, each time that changes."""
-        import asyncio
-
         last = None
         while True:
             if (whole := not self.broken) != last:
