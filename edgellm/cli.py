@@ -1,7 +1,8 @@
 """`edgellm`: run the stack, one service, a generation, or look at the cluster.
 
   edgellm up                       the four services as local processes (Ctrl-C stops them)
-  edgellm serve NAME [options]     one service: gateway | prefill | decode | monitor
+  edgellm serve NAME [options]     one service: gateway | prefill | decode | monitor, or
+                                   decode-stage (stage K >= 1 of a --decode-stages N unit)
   edgellm generate PROMPT          stream an answer (chat message; --raw for a plain prompt)
   edgellm status                   each service's health and the routing mode
   edgellm health HOST:PORT         exit 0 if the service reports SERVING (container health checks)
@@ -20,7 +21,8 @@ import threading
 
 from edgellm import config as cfg
 
-SERVICE_NAMES = ("gateway", "prefill", "decode", "monitor")
+SERVICE_NAMES = ("gateway", "prefill", "decode", "monitor", "decode-stage")
+MODULES = {"decode-stage": "decode.stage"}  # serve names that are not a services/ package
 
 
 def _up(argv: list[str]) -> int:
@@ -45,7 +47,9 @@ def _up(argv: list[str]) -> int:
         for name in stack.services:
             cpus = os.sched_getaffinity(stack.procs[name].pid)  # what the kernel enforces, not what we asked
             where = f"  (CPUs {cpu_list(tuple(sorted(cpus)))})" if cpus != everywhere else ""
-            print(f"  {name:<8} {config.network.host}:{service_port(name, config)}{where}", flush=True)
+            address = stack.address(name) if name in stack.decode_stages else \
+                f"{config.network.host}:{service_port(name, config)}"
+            print(f"  {name:<8} {address}{where}", flush=True)
         # The token is made per run unless given; `edgellm status` needs it to read the monitor.
         print(f"Cluster token: {stack.config.security.cluster_token_file}   (edgellm status --cluster-token-file "
               "PATH, or EDGELLM_CLUSTER_TOKEN_FILE)", flush=True)
@@ -73,7 +77,8 @@ def _serve(argv: list[str]) -> int:
         print(f"usage: edgellm serve {{{','.join(SERVICE_NAMES)}}} [options]", file=sys.stderr)
         return 2
     # Replace this process: the service is then the container's / supervisor's direct child.
-    os.execv(sys.executable, [sys.executable, "-m", f"services.{argv[0]}", *argv[1:]])
+    module = MODULES.get(argv[0], argv[0])
+    os.execv(sys.executable, [sys.executable, "-m", f"services.{module}", *argv[1:]])
     return 0  # not reached
 
 
@@ -159,6 +164,10 @@ def _status(argv: list[str]) -> int:
                     f"  running={l.num_running} waiting={l.num_waiting}"
                     f" free_kv_blocks={l.num_free_kv_blocks}/{l.num_kv_blocks}")
         print(f"  {role:<8} {s.address:<22} {'healthy' if s.healthy else 'DOWN':<8}{load}")
+        for k, stage in enumerate(s.load.stages if s.HasField("load") else ()):  # a pipeline-parallel decode unit
+            print(f"    stage {k:<3} {stage.address:<22} {'healthy' if stage.healthy else 'DOWN':<8}"
+                  f"  layers {stage.layer_start}-{stage.layer_end - 1} ({stage.weight_bytes / 2**20:.0f} MiB"
+                  f" on {stage.device or '?'})")
     gateway = os.environ.get("EDGELLM_GATEWAY", "127.0.0.1:50051")
     print(f"  {'gateway':<8} {gateway:<22} {'healthy' if is_serving(gateway) else 'DOWN'}")
     return 0

@@ -2,8 +2,9 @@
 weights there (dense, or INT4 through quant's transform), size the KV cache from the config,
 start the engine thread.
 
-It sits above both engine and quant: quant transforms the engine's model, the engine
-imports neither quant nor this module.
+It sits above engine, quant and parallel: quant transforms the engine's model, parallel shards
+it (tensor-parallel prefill) or keeps a decode stage's layers; the engine imports none of them
+nor this module.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from edgellm.config import Config, ModelConfig
 from edgellm.device import resolve_device
 from edgellm.engine.kv_cache import PagedKVCache
 from edgellm.engine.loop import EngineLimits, EngineLoop
+from edgellm.engine.runner import Forward, OnAdmitKV
 from edgellm.engine.weights import LoadedModel, load_model
-from edgellm.parallel.layout import tp_shards
+from edgellm.parallel.layout import stage_layers, tp_shards
+from edgellm.parallel.stages import keep_stage_layers
 from edgellm.parallel.tp import TPGroup, encode_step, shard_model
 from edgellm.placement import engine_threads
 from edgellm.quant.prepare import Int4Settings, load_int4_model
@@ -45,13 +48,13 @@ def load_service_model(model_cfg: ModelConfig, service: str, num_threads: int, d
     return load_int4_model(model_cfg.model, int4, model_cfg.int4_checkpoint, num_threads, model_cfg.int4_kernel, device)
 
 
-def engine_limits(config: Config, arch, dtype: torch.dtype) -> EngineLimits:
+def engine_limits(config: Config, arch, dtype: torch.dtype, num_layers: int | None = None) -> EngineLimits:
     """The engine's sizes from the config: KV blocks from --kv-cache-mb at the whole model's
     head count (every rank of a tensor-parallel group then has the same number of blocks, each
-    holding its own heads)."""
+    holding its own heads). num_layers: the layers a block holds (default: every layer)."""
     engine_cfg = config.engine
-    block_bytes = PagedKVCache.bytes_per_block(arch.num_layers, engine_cfg.kv_block_size, arch.num_kv_heads,
-                                               arch.head_dim, dtype)
+    block_bytes = PagedKVCache.bytes_per_block(num_layers or arch.num_layers, engine_cfg.kv_block_size,
+                                               arch.num_kv_heads, arch.head_dim, dtype)
     return EngineLimits(
         num_blocks=max(1, engine_cfg.kv_cache_mb * 2**20 // block_bytes),
         block_size=engine_cfg.kv_block_size,
@@ -99,3 +102,31 @@ def build_tp_prefill(config: Config) -> tuple[EngineLoop, LoadedModel, TPGroup]:
                         cuda_graphs=False)  # a replayed graph would skip publishing its step to the workers
     engine.start()
     return engine, loaded, group
+
+
+def load_decode_stage(config: Config, stage: int) -> tuple[LoadedModel, int]:
+    """Pipeline stage `stage` of a decode unit (--decode-stages N): the decode model loaded, then
+    cut to the stage's layers (layout.stage_layers), its torch threads."""
+    loaded, _, num_threads = load_for(config, "decode")
+    ranges = stage_layers(loaded.model.arch.num_layers, config.parallel.decode_stages)
+    keep_stage_layers(loaded.model, ranges[stage])
+    return loaded, num_threads
+
+
+def decode_stage_limits(config: Config, model) -> EngineLimits:
+    """Every stage of a decode unit has stage 0's number of KV blocks (its slot numbers are used
+    everywhere), sized for the largest stage (the first), so that no stage passes --kv-cache-mb."""
+    a = model.arch
+    largest = max(end - start for start, end in stage_layers(a.num_layers, config.parallel.decode_stages))
+    return engine_limits(config, a, model.norm.weight.dtype, num_layers=largest)
+
+
+def start_decode_stage0(config: Config, loaded: LoadedModel, num_threads: int, forward: Forward,
+                        on_admit_kv: OnAdmitKV) -> EngineLoop:
+    """Stage 0's started engine: its layers' model and cache, each batch carried through the
+    other stages by `forward` (parallel/pipeline.py), its warm-up too."""
+    engine = EngineLoop(loaded.model, loaded.eos_token_ids, decode_stage_limits(config, loaded.model),
+                        num_threads=num_threads, weights_label=weights_label(config.model, "decode"),
+                        cuda_graphs=False, forward=forward, on_admit_kv=on_admit_kv)
+    engine.start()
+    return engine

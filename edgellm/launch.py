@@ -106,6 +106,9 @@ class Stack:
             self.config = dataclasses.replace(
                 self.config, security=dataclasses.replace(self.config.security, cluster_token_file=path))
         self.security = ClusterSecurity.from_config(self.config.security)
+        if self.config.parallel.decode_stage_addrs and len(self.decode_replicas) > 1:
+            raise ValueError("--decode-stage-addrs names one decode unit's stages; with several decode services "
+                             "leave it empty (stage k of each listens on its decode port + 100*k)")
 
     def channel(self, name: str, options: list | None = None) -> grpc.Channel:
         """A blocking channel to a service that carries the cluster credential (and TLS): for raw
@@ -127,8 +130,19 @@ class Stack:
         addresses = self.config.network.decode_addresses
         return {("decode" if i == 0 else f"decode{i + 1}"): int(a.rsplit(":", 1)[1]) for i, a in enumerate(addresses)}
 
+    @property
+    def decode_stages(self) -> dict[str, tuple[str, int]]:
+        """Process name -> (its decode unit, stage index) of each pipeline stage k >= 1
+        (--decode-stages N > 1): "decode-stage1", ... for the unit "decode", "decode2-stage1", ..."""
+        num_stages = self.config.parallel.decode_stages
+        return {f"{unit}-stage{k}": (unit, k) for unit in self.decode_replicas for k in range(1, num_stages)}
+
     def address(self, name: str) -> str:
-        """Where the others reach a service (a decode service: its --decode-addrs entry)."""
+        """Where the others reach a service (a decode service: its --decode-addrs entry; a decode
+        stage: its unit's stage_addresses entry)."""
+        if name in self.decode_stages:
+            unit, k = self.decode_stages[name]
+            return self.config.parallel.stage_addresses(self.decode_replicas[unit])[k - 1]
         if name in self.decode_replicas:
             return self.config.network.decode_addresses[list(self.decode_replicas).index(name)]
         return f"127.0.0.1:{service_port(name, self.config)}"
@@ -143,6 +157,11 @@ class Stack:
         if name in self.tp_workers:
             command = service_command("prefill", self.config) + [
                 "--prefill-tp-rank", str(self.tp_workers[name]), "--prefill-metrics-port", "0"]
+        elif name in self.decode_stages:
+            unit, k = self.decode_stages[name]
+            command = [sys.executable, "-m", "services.decode.stage", *to_argv(self.config),
+                       "--decode-port", str(self.decode_replicas[unit]), "--decode-stage", str(k),
+                       "--decode-metrics-port", "0"]
         elif name not in self.decode_replicas:
             command = service_command(name, self.config)
         else:
@@ -169,10 +188,14 @@ class Stack:
     @property
     def services(self) -> tuple[str, ...]:
         """The processes this stack runs: the four services, every decode service of --decode-addrs
-        (none in colocated mode)."""
+        (none in colocated mode), each after its pipeline stages k >= 1 (--decode-stages)."""
         names: list[str] = []
         for s in SERVICES:
-            names += list(self.decode_replicas) if s == "decode" else [s, *self.tp_workers] if s == "prefill" else [s]
+            if s == "decode":
+                for unit in self.decode_replicas:
+                    names += [name for name, (u, _) in self.decode_stages.items() if u == unit] + [unit]
+            else:
+                names += [s, *self.tp_workers] if s == "prefill" else [s]
         return tuple(names)
 
     def start_all(self) -> None:

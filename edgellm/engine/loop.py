@@ -38,7 +38,7 @@ from edgellm.engine.info import EngineInfo, EngineStats
 from edgellm.engine.kv_cache import PagedKVCache
 from edgellm.engine.model import LayerKVHook, LlamaModel
 from edgellm.engine.postprocess import FINISH_LENGTH, FINISH_STOP, postprocess
-from edgellm.engine.runner import KV, ModelRunner
+from edgellm.engine.runner import KV, Forward, ModelRunner, OnAdmitKV
 from edgellm.engine.sampling_params import SamplingParams
 from edgellm.engine.scheduler import Scheduler, SchedulerOutput
 from edgellm.engine.sequence import Kind, Sequence, Status
@@ -108,18 +108,22 @@ class EngineLoop:
         num_threads: int = 0,
         weights_label: str = "",
         cuda_graphs: bool = True,
+        forward: Forward | None = None,
+        on_admit_kv: OnAdmitKV | None = None,
     ):
         """The engine runs on the device the model's weights are on. weights_label: what
         `edgellm status` shows (default: the weights' dtype name). cuda_graphs: on CUDA, replay
-        decode steps as graphs (cuda_graphs.py)."""
+        decode steps as graphs (cuda_graphs.py). forward, on_admit_kv: a pipeline-parallel
+        decode unit's stage 0 (parallel/pipeline.py): the model holds only stage 0's layers, the
+        cache only theirs, and `forward` carries each batch through the other stages."""
         self.eos_token_ids = eos_token_ids
         self.num_threads = num_threads  # torch threads of the engine thread; 0 = leave as is
         a = model.arch
         dtype, device = model.norm.weight.dtype, model.norm.weight.device
         self.blocks = BlockManager(limits.num_blocks, limits.block_size)
-        self.cache = PagedKVCache(a.num_layers, limits.num_blocks, limits.block_size, a.num_kv_heads, a.head_dim, dtype,
+        self.cache = PagedKVCache(len(model.layers), limits.num_blocks, limits.block_size, a.num_kv_heads, a.head_dim, dtype,
                                   device)
-        self.runner = ModelRunner(model, self.cache, self.blocks, limits.max_running, cuda_graphs)
+        self.runner = ModelRunner(model, self.cache, self.blocks, limits.max_running, cuda_graphs, forward, on_admit_kv)
         self.scheduler = Scheduler(self.blocks, limits.max_batch_tokens, limits.max_running, limits.max_consecutive_prefills)
         self.info = EngineInfo(
             device=device_label(device),
@@ -146,6 +150,7 @@ class EngineLoop:
         self._wake = threading.Condition()
         self._stopped = False
         self._warm = threading.Event()
+        self._step_error = ""  # why the last failed step failed (its sequences' EngineError says it)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -294,7 +299,7 @@ class EngineLoop:
                 if token is None:
                     if seq.error is not None:
                         raise SequenceFailed(f"{seq.request_id}: {seq.error}")
-                    raise EngineError(f"an engine step failed while running {seq.request_id}")
+                    raise EngineError(f"an engine step failed while running {seq.request_id}: {self._step_error}")
                 yield token, finish
                 if finish is not None:
                     return
@@ -354,8 +359,9 @@ class EngineLoop:
             result = self.runner.execute(out)
             for o in postprocess(self.scheduler, out, result, self.eos_token_ids, self.info.max_context):
                 self._emits[o.seq.seq_id](o.token_id, o.finish_reason)
-        except Exception:
+        except Exception as e:
             log.exception("engine_step_failed")
+            self._step_error = f"{type(e).__name__}: {e}"
             for seq in ran:
                 if seq.status is not Status.FINISHED:
                     self._emits[seq.seq_id](None, "error")

@@ -212,6 +212,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
+        # A pipeline stage (parallel/stages.py) keeps only its layers: without embed_tokens the
+        # forward pass starts from the previous stage's hidden states, without lm_head it returns
+        # its own. `norm` stays on every stage: its dtype is the activation dtype.
+        self.embed_tokens: nn.Module | None
+        self.lm_head: nn.Module | None
 
     def weight_bytes(self) -> int:
         """Memory the weights take: each parameter once (a tied LM head shares the embedding's
@@ -227,12 +232,15 @@ class LlamaModel(nn.Module):
         cache: PagedKVCache | None,
         on_layer_kv: LayerKVHook | None = None,
         all_logits: bool = False,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run one packed batch: prefill (several whole prompts) or decode (one token per sequence).
 
         New K/V go to the cache at batch.slot_mapping (when given) and to on_layer_kv as each
         layer finishes. Returns fp32 logits: one row per sequence (its last token), or one row
         per token with all_logits.
+        A pipeline stage's model: hidden ([T, hidden_size], the previous stage's output) replaces
+        the embedding; without an LM head the hidden states after its layers come back, [T, hidden_size].
         """
         freqs = torch.outer(batch.positions.float(), self.inv_freq)  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D], broadcast over heads
@@ -242,13 +250,15 @@ class LlamaModel(nn.Module):
         context = None
         if not batch.is_prefill and cache is not None:
             context = cache.context_view(batch.block_tables, batch.context_lens, batch.max_context_len, dtype)
-        h = self.embed_tokens(batch.token_ids)  # [T, hidden]
+        h = self.embed_tokens(batch.token_ids) if hidden is None else hidden  # [T, hidden]
         for i, layer in enumerate(self.layers):
             attn_out, k, v = layer.self_attn(layer.input_layernorm(h), cos, sin, batch, cache, i, context)
             if on_layer_kv is not None:
                 on_layer_kv(i, k, v)
             h = h + attn_out
             h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if self.lm_head is None:
+            return h
         if not all_logits and batch.is_prefill:
             h = h[torch.tensor(batch.cu_seqlens[1:], device=h.device) - 1]  # each sequence's last token
         return self.lm_head(self.norm(h)).float()

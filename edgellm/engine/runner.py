@@ -16,6 +16,7 @@ The runner reads sequences but never changes them: postprocess.py records what i
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -30,19 +31,30 @@ from edgellm.engine.scheduler import SchedulerOutput
 from edgellm.engine.sequence import Kind, Sequence, Status
 
 KV = tuple[torch.Tensor, torch.Tensor]  # K, V: [L, Hkv, T, D] each
+# Runs a ForwardBatch over the cache and returns fp32 logits, called as forward(batch, cache,
+# on_layer_kv=None): the model itself, or a pipeline of decode stages that starts with it
+# (parallel/pipeline.py).
+Forward = Callable[..., torch.Tensor]
+# Told (request_id, slots) when a FROM_KV sequence's staged KV goes into its blocks: the other
+# pipeline stages hold that request's KV of their layers and copy it into the same slots.
+OnAdmitKV = Callable[[str, list[int]], None]
 
 
 class ModelRunner:
     def __init__(
         self, model: LlamaModel, cache: PagedKVCache, blocks: BlockManager, max_running: int = 64,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = False, forward: Forward | None = None, on_admit_kv: OnAdmitKV | None = None,
     ) -> None:
         """The model and cache live on one device (cache.device); only token ids come back to
-        the host each step. cuda_graphs: replay decode steps as CUDA graphs (CUDA only)."""
+        the host each step. cuda_graphs: replay decode steps as CUDA graphs (CUDA only, not with
+        `forward`). forward: what runs a batch instead of the model alone (a pipeline's stage 0);
+        on_admit_kv: where admitted FROM_KV sequences are announced (the same pipeline)."""
         self.model, self.cache, self.blocks = model, cache, blocks
+        self.forward: Forward = forward or model
+        self.on_admit_kv = on_admit_kv
         self.device = cache.device
         self.graphs: DecodeGraphs | None = None
-        if cuda_graphs and self.device.type == "cuda":
+        if cuda_graphs and forward is None and self.device.type == "cuda":
             max_blocks = min(blocks.num_blocks, -(-model.arch.max_position_embeddings // blocks.block_size))
             self.graphs = DecodeGraphs(model, cache, max_running, max_blocks, capture=True)
         self._staged: dict[int, KV] = {}
@@ -87,9 +99,12 @@ class ModelRunner:
     def _load_staged(self, seq: Sequence) -> None:
         """Copy prompt KV received from a prefill service into the sequence's blocks."""
         k, v = self._staged.pop(seq.seq_id)  # [L, Hkv, T, D]
-        slots = self._tensor(self.blocks.slots(seq.block_table, 0, seq.num_staged_tokens))
+        slot_ids = self.blocks.slots(seq.block_table, 0, seq.num_staged_tokens)
+        slots = self._tensor(slot_ids)
         for layer in range(k.shape[0]):
             self.cache.store(layer, slots, k[layer].transpose(0, 1), v[layer].transpose(0, 1))
+        if self.on_admit_kv is not None:
+            self.on_admit_kv(seq.request_id, slot_ids)
 
     def _take_prefix(self, seq: Sequence) -> KV | None:
         """A sequence's kept prefix K/V, on this device in the cache's dtype as [L, C, Hkv, D]
@@ -113,6 +128,13 @@ class ModelRunner:
         (the sampling right after would wait for them anyway)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _full_logit_rows(self, seqs: list[Sequence]) -> list[int] | None:
+        """Rows whose whole logits sampling reads (the seeded sequences'), for a pipeline; None
+        (every row, nothing computed) when the model runs alone."""
+        if self.forward is self.model:
+            return None
+        return [i for i, seq in enumerate(seqs) if not seq.sampling.is_greedy]
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -140,6 +162,7 @@ class ModelRunner:
             slot_mapping=self._tensor(slots) if slots else None,
             store_rows=None if len(store_rows) == len(token_ids) else self._tensor(store_rows),
             prefix_kv=prefixes,
+            full_logit_rows=self._full_logit_rows(seqs),
         )
         hooks = [(self._hooks[seq.seq_id], cu_seqlens[i], cu_seqlens[i + 1])
                  for i, seq in enumerate(seqs) if seq.seq_id in self._hooks]
@@ -156,7 +179,7 @@ class ModelRunner:
         elif hooks:
             layer_kv = on_layer_kv
         start_ns = time.time_ns()
-        logits = self.model(batch, self.cache, on_layer_kv=layer_kv)  # [B, V]
+        logits = self.forward(batch, self.cache, on_layer_kv=layer_kv)  # [B, V]
         if offload is not None:
             offload.drain()
         self._wait_for_device()
@@ -185,8 +208,9 @@ class ModelRunner:
                 block_tables=block_tables,
                 context_lens=step[3],
                 max_context_len=max(positions) + 1,
+                full_logit_rows=self._full_logit_rows(seqs),
             )
-            logits = self.model(batch, self.cache)  # [B, V]
+            logits = self.forward(batch, self.cache)  # [B, V]
         self._wait_for_device()
         end_ns = time.time_ns()
         return self._sample(seqs, logits, [True] * len(seqs), start_ns, end_ns)

@@ -1,0 +1,88 @@
+"""A pipeline stage's share of the model, and how a stage k >= 1 runs one micro-batch.
+
+keep_stage_layers turns a loaded LlamaModel into one stage's: layers [start, end) only, the
+embedding on the first stage, the final norm's weight everywhere (it names the activation dtype)
+and the LM head on the last; what a stage does not own is dropped before its KV cache is built,
+so its weight memory is about 1/N of the model's. Layers are renumbered from 0 inside a stage:
+its cache holds only its own layers.
+
+StageRunner is stage k's engine: it owns the stage's model and paged cache, copies claimed
+prompt KV of newly admitted FROM_KV requests into the slots stage 0 names, and runs each
+StageStep's layers. Stage 0 is the scheduler; a stage k only follows its slot numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgellm.engine.kv_cache import ForwardBatch, PagedKVCache
+from edgellm.engine.model import LlamaModel
+from edgellm.parallel import wire
+from edgellm.v1 import decode_stage_pb2
+
+KV = tuple[torch.Tensor, torch.Tensor]  # K, V of this stage's layers: [L_stage, Hkv, T, D] each
+
+
+def keep_stage_layers(model: LlamaModel, layers: tuple[int, int]) -> LlamaModel:
+    """Drop in place every module stage `layers` = [start, end) does not own; returns the model."""
+    start, end = layers
+    if not 0 <= start < end <= model.arch.num_layers:
+        raise ValueError(f"stage layers [{start}, {end}) are not inside the model's {model.arch.num_layers}")
+    head_table = getattr(model.embed_tokens, "table", None)  # an INT4 embedding read from the tied LM head
+    model.layers = nn.ModuleList(model.layers[start:end])
+    if start > 0:
+        model.embed_tokens = None
+    if end < model.arch.num_layers:
+        model.lm_head = None
+        if head_table is not None:  # the first stage keeps the INT4 table its embedding reads, as a
+            model.embedding_table = head_table[0]  # submodule: weight_bytes() counts it
+    return model
+
+
+class StageRunner:
+    """Stage k >= 1: its model ([start, end) only) and its paged cache with stage 0's block count.
+    Runs on one thread at a time (the stage servicer's executor)."""
+
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+        a = model.arch
+        self.model = model
+        self.is_last = model.lm_head is not None
+        dtype, self.device = model.norm.weight.dtype, model.norm.weight.device
+        self.cache = PagedKVCache(len(model.layers), num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype,
+                                  self.device)
+
+    def warm_up(self, num_tokens: int = 16) -> None:
+        """A short prefill and a decode step over zero hidden states in the first blocks, so that the
+        first real step does not pay for torch's lazy initialisation (stage 0 bounds every step)."""
+        num_tokens = min(num_tokens, self.cache.block_size * self.cache.num_blocks - 1)
+        dtype, none = self.model.norm.weight.dtype, torch.empty(0, dtype=torch.long)
+        prefill = ForwardBatch(token_ids=none, positions=torch.arange(num_tokens), is_prefill=True,
+                               cu_seqlens=[0, num_tokens], slot_mapping=torch.arange(num_tokens))
+        decode = ForwardBatch(token_ids=none, positions=torch.tensor([num_tokens]), is_prefill=False,
+                              cu_seqlens=[0, 1], slot_mapping=torch.tensor([num_tokens]),
+                              block_tables=torch.arange(-(-(num_tokens + 1) // self.cache.block_size))[None],
+                              context_lens=torch.tensor([num_tokens + 1]), max_context_len=num_tokens + 1)
+        for batch, rows in ((prefill, num_tokens), (decode, 1)):
+            on_device = ForwardBatch(**{name: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                                        for name, value in vars(batch).items()})
+            hidden = torch.zeros(rows, self.model.arch.hidden_size, dtype=dtype, device=self.device)
+            self.model(on_device, self.cache, hidden=hidden)
+
+    def load_kv(self, kv: KV, slots: list[int]) -> None:
+        """Copy a request's prompt K/V of this stage's layers into its slots (stage 0's block table)."""
+        k, v = kv
+        if len(slots) != k.shape[2]:
+            raise ValueError(f"{len(slots)} slots for KV of {k.shape[2]} tokens")
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        for layer in range(k.shape[0]):
+            self.cache.store(layer, index, k[layer].transpose(0, 1), v[layer].transpose(0, 1))
+
+    def step(self, step: decode_stage_pb2.StageStep, loads: list[tuple[KV, list[int]]]) -> decode_stage_pb2.StageResult:
+        """Load the micro-batch's admitted KV, run this stage's layers over its hidden states."""
+        for kv, slots in loads:
+            self.load_kv(kv, slots)
+        batch = wire.batch_from_message(step, self.device)
+        hidden = wire.tensor_from_proto(step.hidden, self.device).to(self.model.norm.weight.dtype)
+        out = self.model(batch, self.cache, hidden=hidden)
+        return wire.result_message(out, self.is_last, list(step.full_logit_rows))
