@@ -17,8 +17,8 @@ from edgellm.engine.kv_cache import PagedKVCache
 from edgellm.engine.loop import EngineLimits, EngineLoop
 from edgellm.engine.runner import Forward, OnAdmitKV
 from edgellm.engine.weights import LoadedModel, load_model
-from edgellm.parallel.layout import stage_layers, tp_shards
-from edgellm.parallel.stages import keep_stage_layers
+from edgellm.parallel.layout import tp_shards
+from edgellm.parallel.stages import keep_stage_layers, stage_plan
 from edgellm.parallel.tp import TPGroup, encode_step, shard_model
 from edgellm.placement import engine_threads
 from edgellm.quant.prepare import Int4Settings, load_int4_model
@@ -104,28 +104,28 @@ def build_tp_prefill(config: Config) -> tuple[EngineLoop, LoadedModel, TPGroup]:
     return engine, loaded, group
 
 
-def load_decode_stage(config: Config, stage: int) -> tuple[LoadedModel, int]:
+def load_decode_stage(config: Config, stage: int) -> tuple[LoadedModel, int, list[tuple[int, int]]]:
     """Pipeline stage `stage` of a decode unit (--decode-stages N): the decode model loaded, then
-    cut to the stage's layers (layout.stage_layers), its torch threads."""
+    cut to the stage's layers; its torch threads; every stage's layers (stages.stage_plan, made
+    from the whole model before the cut, the same on every stage)."""
     loaded, _, num_threads = load_for(config, "decode")
-    ranges = stage_layers(loaded.model.arch.num_layers, config.parallel.decode_stages)
+    ranges = stage_plan(loaded.model, config.parallel.decode_stages)
     keep_stage_layers(loaded.model, ranges[stage])
-    return loaded, num_threads
+    return loaded, num_threads, ranges
 
 
-def decode_stage_limits(config: Config, model) -> EngineLimits:
+def decode_stage_limits(config: Config, model, ranges: list[tuple[int, int]]) -> EngineLimits:
     """Every stage of a decode unit has stage 0's number of KV blocks (its slot numbers are used
-    everywhere), sized for the largest stage (the first), so that no stage passes --kv-cache-mb."""
-    a = model.arch
-    largest = max(end - start for start, end in stage_layers(a.num_layers, config.parallel.decode_stages))
-    return engine_limits(config, a, model.norm.weight.dtype, num_layers=largest)
+    everywhere), sized for the stage with the most layers, so that no stage passes --kv-cache-mb."""
+    largest = max(end - start for start, end in ranges)
+    return engine_limits(config, model.arch, model.norm.weight.dtype, num_layers=largest)
 
 
-def start_decode_stage0(config: Config, loaded: LoadedModel, num_threads: int, forward: Forward,
-                        on_admit_kv: OnAdmitKV) -> EngineLoop:
+def start_decode_stage0(config: Config, loaded: LoadedModel, num_threads: int, ranges: list[tuple[int, int]],
+                        forward: Forward, on_admit_kv: OnAdmitKV) -> EngineLoop:
     """Stage 0's started engine: its layers' model and cache, each batch carried through the
     other stages by `forward` (parallel/pipeline.py), its warm-up too."""
-    engine = EngineLoop(loaded.model, loaded.eos_token_ids, decode_stage_limits(config, loaded.model),
+    engine = EngineLoop(loaded.model, loaded.eos_token_ids, decode_stage_limits(config, loaded.model, ranges),
                         num_threads=num_threads, weights_label=weights_label(config.model, "decode"),
                         cuda_graphs=False, forward=forward, on_admit_kv=on_admit_kv)
     engine.start()

@@ -33,9 +33,6 @@ class ForwardBatch:
     # tensor-parallel group (each streams its own heads): a layer-KV hook's `route` (a plain dict)
     # with "rows": [start, end) of its packed tokens
     kv_routes: list[dict] | None = None
-    # rows whose whole logits the caller reads (seeded sampling); the others only need their argmax.
-    # Only a pipeline (parallel/pipeline.py) acts on it: its last stage sends back just those rows.
-    full_logit_rows: list[int] | None = None
 
 
 @dataclass(frozen=True)

@@ -212,18 +212,14 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
-        # A pipeline stage (parallel/stages.py) keeps only its layers: without embed_tokens the
-        # forward pass starts from the previous stage's hidden states, without lm_head it returns
-        # its own. `norm` stays on every stage: its dtype is the activation dtype.
+        # A later pipeline stage (parallel/stages.py) keeps only its layers: without embed_tokens
+        # its forward pass starts from the previous stage's hidden states, without lm_head it
+        # returns its own. `norm` stays on every stage: its dtype is the activation dtype.
         self.embed_tokens: nn.Module | None
         self.lm_head: nn.Module | None
 
     def weight_bytes(self) -> int:
-        """Memory the weights take: each parameter once (a tied LM head shares the embedding's
-        tensor), plus what modules holding packed weights in buffers (INT4 layers) report."""
-        packed = sum(m.weight_bytes() for m in self.modules() if m is not self and hasattr(m, "weight_bytes"))
-        tensors = {p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}
-        return packed + sum(tensors.values())
+        return weight_bytes(self)
 
     @torch.inference_mode()
     def forward(
@@ -233,14 +229,16 @@ class LlamaModel(nn.Module):
         on_layer_kv: LayerKVHook | None = None,
         all_logits: bool = False,
         hidden: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """Run one packed batch: prefill (several whole prompts) or decode (one token per sequence).
 
         New K/V go to the cache at batch.slot_mapping (when given) and to on_layer_kv as each
         layer finishes. Returns fp32 logits: one row per sequence (its last token), or one row
         per token with all_logits.
-        A pipeline stage's model: hidden ([T, hidden_size], the previous stage's output) replaces
-        the embedding; without an LM head the hidden states after its layers come back, [T, hidden_size].
+        Pipeline stages: hidden ([T, hidden_size], the previous stage's output) replaces the
+        embedding; with head=False, or without an LM head, the hidden states after this model's
+        layers come back, [T, hidden_size] (logits() finishes them).
         """
         freqs = torch.outer(batch.positions.float(), self.inv_freq)  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D], broadcast over heads
@@ -257,8 +255,23 @@ class LlamaModel(nn.Module):
                 on_layer_kv(i, k, v)
             h = h + attn_out
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        if self.lm_head is None:
+        if not head or self.lm_head is None:
             return h
+        return self.logits(h, batch, all_logits)
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
+        """The final norm and LM head over the last layer's hidden states h [T, hidden]: fp32 logits,
+        one row per sequence (its last token), or one per token with all_logits."""
         if not all_logits and batch.is_prefill:
             h = h[torch.tensor(batch.cu_seqlens[1:], device=h.device) - 1]  # each sequence's last token
         return self.lm_head(self.norm(h)).float()
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Memory a module's weights take: each parameter once (a tied LM head shares the embedding's
+    tensor), plus what modules holding packed weights in buffers (INT4 layers) report."""
+    packed = sum(m.weight_bytes() for m in module.modules()
+                 if m is not module and not isinstance(m, LlamaModel) and hasattr(m, "weight_bytes"))
+    tensors = {p.data_ptr(): p.numel() * p.element_size() for p in module.parameters()}
+    return packed + sum(tensors.values())

@@ -129,13 +129,6 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _full_logit_rows(self, seqs: list[Sequence]) -> list[int] | None:
-        """Rows whose whole logits sampling reads (the seeded sequences'), for a pipeline; None
-        (every row, nothing computed) when the model runs alone."""
-        if self.forward is self.model:
-            return None
-        return [i for i, seq in enumerate(seqs) if not seq.sampling.is_greedy]
-
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
@@ -162,7 +155,6 @@ class ModelRunner:
             slot_mapping=self._tensor(slots) if slots else None,
             store_rows=None if len(store_rows) == len(token_ids) else self._tensor(store_rows),
             prefix_kv=prefixes,
-            full_logit_rows=self._full_logit_rows(seqs),
         )
         hooks = [(self._hooks[seq.seq_id], cu_seqlens[i], cu_seqlens[i + 1])
                  for i, seq in enumerate(seqs) if seq.seq_id in self._hooks]
@@ -208,8 +200,7 @@ class ModelRunner:
                 block_tables=block_tables,
                 context_lens=step[3],
                 max_context_len=max(positions) + 1,
-                full_logit_rows=self._full_logit_rows(seqs),
-            )
+                )
             logits = self.forward(batch, self.cache)  # [B, V]
         self._wait_for_device()
         end_ns = time.time_ns()

@@ -2,7 +2,7 @@
 stages outside engine steps.
 
   connect     at start-up, wait until every stage answers Describe and owns the layers the
-              config gives it (stage_layers); only then does stage 0's engine warm up through them
+              config gives it (stages.stage_plan); only then does stage 0's engine warm up through them
   claim_kv    before a FROM_KV request joins the engine, every stage takes that request's KV
               of its layers out of its arrival store (PushKV from prefill) and holds it for the
               step that loads it; a stage without it fails the request before it costs a step
@@ -37,7 +37,7 @@ class StageKVMissing(RuntimeError):
 class StageControl:
     def __init__(self, pipeline: StagePipeline, layer_ranges: list[tuple[int, int]], security: ClusterSecurity,
                  probe_interval_s: float = 0.2, ping_after_ms: int = 100, ping_timeout_ms: int = 300) -> None:
-        """layer_ranges: every stage's [start, end), stage 0 first (layout.stage_layers). Probes and
+        """layer_ranges: every stage's [start, end), stage 0 first (stages.stage_plan). Probes and
         claims ping a quiet stage like the steps do (channels.liveness_options), so a hung stage
         fails them in well under decode_stage_timeout_s."""
         self.pipeline = pipeline

@@ -54,8 +54,35 @@ def tp_shards(num_heads: int, num_kv_heads: int, intermediate_size: int, world: 
             for (a, b), mlp in zip(split_evenly(num_kv_heads, world), split_evenly(intermediate_size, world))]
 
 
-def stage_layers(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
-    """[start, end) of the layers each pipeline stage owns (the first stages take one more)."""
-    if num_stages > num_layers:
-        raise ValueError(f"decode_stages={num_stages} is more stages than the model's {num_layers} layers")
-    return split_evenly(num_layers, num_stages)
+def stage_layers(num_layers: int, num_stages: int, layer_bytes: list[int] | None = None,
+                 first_stage_bytes: int = 0) -> list[tuple[int, int]]:
+    """[start, end) of the layers each pipeline stage owns, contiguous. With layer_bytes (each
+    layer's weight bytes) and first_stage_bytes (what stage 0 holds besides its layers: the
+    embedding and the LM head) the split makes the largest stage as small as it can be; without,
+    the layers are split evenly (the first stages take one more)."""
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(f"decode_stages={num_stages} must be between 1 and the model's {num_layers} layers")
+    if layer_bytes is None:
+        return split_evenly(num_layers, num_stages)
+    # best[k][i]: the smallest largest-stage bytes putting layers [0, i) on stages 0..k-1 (each
+    # non-empty); a few dozen layers and stages, so the plain O(k n^2) table is instant
+    prefix = [0]
+    for b in layer_bytes:
+        prefix.append(prefix[-1] + b)
+    inf = float("inf")
+    best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0
+    for k in range(1, num_stages + 1):
+        for i in range(k, num_layers + 1):
+            for j in range(k - 1, i):
+                stage = prefix[i] - prefix[j] + (first_stage_bytes if k == 1 else 0)
+                cost = max(best[k - 1][j], stage)
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds, end = [], num_layers
+    for k in range(num_stages, 0, -1):
+        start = cut[k][end]
+        bounds.append((start, end))
+        end = start
+    return bounds[::-1]

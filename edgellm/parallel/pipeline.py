@@ -7,8 +7,9 @@ StagePipeline is the engine's `forward` (runner.py) on stage 0. One call is one 
   stages 1+  each micro-batch's hidden states go stage to stage (Step, a unary call per stage,
              from a worker thread), so stage 1 computes micro-batch 0 while stage 0 computes
              micro-batch 1: no stage idles while another holds the step's last micro-batch
-  logits     the last stage returns each row's argmax (and whole rows for seeded sampling);
-             stage 0 rebuilds logits that sample the same and the runner samples as always
+  logits     the last stage returns its hidden states; stage 0 applies the final norm and the LM
+             head (it holds them: with the default model's tied embedding, the LM head is the
+             embedding's table, one copy for both) and the runner samples as always
 Stage 0 drives every stage itself (a star, not a chain): for two stages that is the same traffic,
 and one place sees every failure. A stage that fails a call, or does not answer within
 decode_stage_timeout_s (keepalive pings find a dead peer sooner), fails the step with StageFailed
@@ -47,23 +48,22 @@ def split_rows(batch: ForwardBatch, num_parts: int) -> list[ForwardBatch]:
     num_rows = len(batch.cu_seqlens) - 1
     if batch.is_prefill or min(num_parts, num_rows) <= 1:
         return [batch]
-    parts = []
-    for a, b in split_evenly(num_rows, min(num_parts, num_rows)):
-        rows = None if batch.full_logit_rows is None else [r - a for r in batch.full_logit_rows if a <= r < b]
-        parts.append(ForwardBatch(
+    return [
+        ForwardBatch(
             token_ids=batch.token_ids[a:b], positions=batch.positions[a:b], is_prefill=False,
             cu_seqlens=list(range(b - a + 1)), slot_mapping=batch.slot_mapping[a:b],
             block_tables=batch.block_tables[a:b], context_lens=batch.context_lens[a:b],
-            max_context_len=batch.max_context_len, full_logit_rows=rows,
-        ))
-    return parts
+            max_context_len=batch.max_context_len,
+        )
+        for a, b in split_evenly(num_rows, min(num_parts, num_rows))
+    ]
 
 
 class StagePipeline:
     def __init__(self, model: LlamaModel, addresses: tuple[str, ...], timeout_s: float,
                  security: ClusterSecurity, ping_after_ms: int = 100, ping_timeout_ms: int = 300,
                  stubs: list | None = None) -> None:
-        """model: stage 0's (embedding and its layers, no LM head); addresses: stages 1 .. N-1.
+        """model: stage 0's (embedding, its layers, final norm and LM head); addresses: stages 1 .. N-1.
         stubs: in-process stand-ins for the stages' PipelineStage stubs (tests)."""
         self.model, self.addresses, self.timeout_s = model, addresses, timeout_s
         self.device = model.norm.weight.device
@@ -114,13 +114,14 @@ class StagePipeline:
         parts = [batch] if loads else split_rows(batch, self.num_micro_batches)
         futures = []
         for part in parts:
-            hidden = self.model(part, cache, on_layer_kv=on_layer_kv)  # [T, hidden]
+            hidden = self.model(part, cache, on_layer_kv=on_layer_kv, head=False)  # [T, hidden]
             futures.append(self._pool.submit(self._through_stages, wire.step_message(part, hidden, step_id, loads)))
-        logits = [f.result() for f in futures]
+        # the LM head runs here, on the engine thread, while the later stages compute the next micro-batch
+        logits = [self.model.logits(f.result(), part) for f, part in zip(futures, parts)]
         return logits[0] if len(logits) == 1 else torch.cat(logits)
 
     def _through_stages(self, step: decode_stage_pb2.StageStep) -> torch.Tensor:
-        rows = list(step.full_logit_rows)
+        """The hidden states after the last stage's layers."""
         for k, (stub, address) in enumerate(zip(self._stubs, self.addresses), start=1):
             try:
                 result = stub.Step(step, timeout=self.timeout_s)
@@ -128,6 +129,5 @@ class StagePipeline:
                 reason = f"decode stage {k} ({address}) failed step {step.step_id}: {e.code().name}: {e.details()}"
                 self.fail(reason)
                 raise StageFailed(reason) from None
-            if k < len(self._stubs):
-                step.hidden.CopyFrom(result.hidden)
-        return wire.logits_from_result(result, rows, self.model.arch.vocab_size, self.device)
+            step.hidden.CopyFrom(result.hidden)
+        return wire.tensor_from_proto(step.hidden, self.device).to(self.model.norm.weight.dtype)

@@ -1,10 +1,14 @@
 """A pipeline stage's share of the model, and how a stage k >= 1 runs one micro-batch.
 
-keep_stage_layers turns a loaded LlamaModel into one stage's: layers [start, end) only, the
-embedding on the first stage, the final norm's weight everywhere (it names the activation dtype)
-and the LM head on the last; what a stage does not own is dropped before its KV cache is built,
-so its weight memory is about 1/N of the model's. Layers are renumbered from 0 inside a stage:
-its cache holds only its own layers.
+keep_stage_layers turns a loaded LlamaModel into one stage's: layers [start, end) only; stage 0
+also keeps the embedding, the final norm and the LM head (the last stage hands its hidden states
+back to stage 0, which samples). The head sits with the embedding rather than on the last stage
+because on the default model they are one table (tied; the INT4 embedding reads the INT4 head):
+on two stages a copy on each would leave each stage 0.61 of the weights. stage_plan balances the
+layers by weight bytes around that table (SmolLM2 at 2 stages: 11 + 19 layers, about half the
+bytes each), which also balances the compute: the head's matmul costs stage 0 about 8 layers.
+What a stage does not own is dropped before its KV cache is built. Layers are renumbered from 0
+inside a stage: its cache holds only its own layers.
 
 StageRunner is stage k's engine: it owns the stage's model and paged cache, copies claimed
 prompt KV of newly admitted FROM_KV requests into the slots stage 0 names, and runs each
@@ -17,11 +21,19 @@ import torch
 from torch import nn
 
 from edgellm.engine.kv_cache import ForwardBatch, PagedKVCache
-from edgellm.engine.model import LlamaModel
+from edgellm.engine.model import LlamaModel, weight_bytes
 from edgellm.parallel import wire
+from edgellm.parallel.layout import stage_layers
 from edgellm.v1 import decode_stage_pb2
 
 KV = tuple[torch.Tensor, torch.Tensor]  # K, V of this stage's layers: [L_stage, Hkv, T, D] each
+
+
+def stage_plan(model: LlamaModel, num_stages: int) -> list[tuple[int, int]]:
+    """Every stage's layers [start, end), stage 0 first, balanced by weight bytes: stage 0 also
+    holds the embedding and the LM head. Every stage computes it from the same whole model."""
+    layer_bytes = [weight_bytes(layer) for layer in model.layers]
+    return stage_layers(len(layer_bytes), num_stages, layer_bytes, model.weight_bytes() - sum(layer_bytes))
 
 
 def keep_stage_layers(model: LlamaModel, layers: tuple[int, int]) -> LlamaModel:
@@ -29,14 +41,9 @@ def keep_stage_layers(model: LlamaModel, layers: tuple[int, int]) -> LlamaModel:
     start, end = layers
     if not 0 <= start < end <= model.arch.num_layers:
         raise ValueError(f"stage layers [{start}, {end}) are not inside the model's {model.arch.num_layers}")
-    head_table = getattr(model.embed_tokens, "table", None)  # an INT4 embedding read from the tied LM head
     model.layers = nn.ModuleList(model.layers[start:end])
     if start > 0:
-        model.embed_tokens = None
-    if end < model.arch.num_layers:
-        model.lm_head = None
-        if head_table is not None:  # the first stage keeps the INT4 table its embedding reads, as a
-            model.embedding_table = head_table[0]  # submodule: weight_bytes() counts it
+        model.embed_tokens = model.lm_head = None
     return model
 
 
@@ -47,7 +54,6 @@ class StageRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
         a = model.arch
         self.model = model
-        self.is_last = model.lm_head is not None
         dtype, self.device = model.norm.weight.dtype, model.norm.weight.device
         self.cache = PagedKVCache(len(model.layers), num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype,
                                   self.device)
@@ -85,4 +91,4 @@ class StageRunner:
         batch = wire.batch_from_message(step, self.device)
         hidden = wire.tensor_from_proto(step.hidden, self.device).to(self.model.norm.weight.dtype)
         out = self.model(batch, self.cache, hidden=hidden)
-        return wire.result_message(out, self.is_last, list(step.full_logit_rows))
+        return wire.result_message(out)

@@ -50,7 +50,6 @@ def step_message(batch: ForwardBatch, hidden: torch.Tensor, step_id: int,
         max_context_len=batch.max_context_len,
         hidden=tensor_to_proto(hidden),
         kv_loads=kv_loads,
-        full_logit_rows=range(len(batch.cu_seqlens) - 1) if batch.full_logit_rows is None else batch.full_logit_rows,
     )
 
 
@@ -73,28 +72,9 @@ def batch_from_message(step: decode_stage_pb2.StageStep, device: torch.device) -
         block_tables=None if block_tables is None else block_tables.view(-1, step.max_blocks),
         context_lens=tensor(step.context_lens),
         max_context_len=step.max_context_len,
-        full_logit_rows=list(step.full_logit_rows),
     )
 
 
-def result_message(out: torch.Tensor, is_last: bool, full_logit_rows: list[int]) -> decode_stage_pb2.StageResult:
-    """A stage's answer: its hidden states, or (the last stage) each row's argmax and the whole
-    logits of the rows that sample with a seed."""
-    if not is_last:
-        return decode_stage_pb2.StageResult(hidden=tensor_to_proto(out))
-    reply = decode_stage_pb2.StageResult(greedy_token_ids=out.argmax(dim=-1).tolist())
-    if full_logit_rows:
-        reply.logits.CopyFrom(tensor_to_proto(out[torch.tensor(full_logit_rows, device=out.device)]))
-    return reply
-
-
-def logits_from_result(result: decode_stage_pb2.StageResult, full_logit_rows: list[int], vocab_size: int,
-                       device: torch.device) -> torch.Tensor:
-    """fp32 logits [B, V] that sample as the last stage's would: whole rows where sent, elsewhere
-    -inf but for 0 at the row's argmax (greedy sampling reads nothing else)."""
-    greedy = torch.tensor(list(result.greedy_token_ids), dtype=torch.long)
-    logits = torch.full((len(greedy), vocab_size), float("-inf"), dtype=torch.float32)
-    logits[torch.arange(len(greedy)), greedy] = 0.0
-    if full_logit_rows:
-        logits[torch.tensor(full_logit_rows)] = tensor_from_proto(result.logits).float()
-    return logits.to(device)
+def result_message(hidden: torch.Tensor) -> decode_stage_pb2.StageResult:
+    """A stage's answer: the hidden states after its layers."""
+    return decode_stage_pb2.StageResult(hidden=tensor_to_proto(hidden))

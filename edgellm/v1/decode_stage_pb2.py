@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgellm.v1 import common_pb2 as edgellm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64gellm/v1/decode_stage.proto\x12\nedgellm.v1\x1a\x17\x65\x64gellm/v1/common.proto\"9\n\x0bStageTensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"0\n\x0bStageKVLoad\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x03(\x03\"\xc7\x02\n\tStageStep\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x12\n\nis_prefill\x18\x02 \x01(\x08\x12\x11\n\tpositions\x18\x03 \x03(\x03\x12\x12\n\ncu_seqlens\x18\x04 \x03(\r\x12\x14\n\x0cslot_mapping\x18\x05 \x03(\x03\x12\x12\n\nstore_rows\x18\x06 \x03(\x03\x12\x14\n\x0c\x62lock_tables\x18\x07 \x03(\x03\x12\x12\n\nmax_blocks\x18\x08 \x01(\r\x12\x14\n\x0c\x63ontext_lens\x18\t \x03(\x03\x12\x17\n\x0fmax_context_len\x18\n \x01(\r\x12\'\n\x06hidden\x18\x0b \x01(\x0b\x32\x17.edgellm.v1.StageTensor\x12)\n\x08kv_loads\x18\x0c \x03(\x0b\x32\x17.edgellm.v1.StageKVLoad\x12\x17\n\x0f\x66ull_logit_rows\x18\r \x03(\r\"y\n\x0bStageResult\x12\'\n\x06hidden\x18\x01 \x01(\x0b\x32\x17.edgellm.v1.StageTensor\x12\x18\n\x10greedy_token_ids\x18\x02 \x03(\x05\x12\'\n\x06logits\x18\x03 \x01(\x0b\x32\x17.edgellm.v1.StageTensor\"9\n\x13\x43laimStageKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x02\"B\n\x11\x43laimStageKVReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\"\x16\n\x14\x44\x65scribeStageRequest\"\x13\n\x11ResetStageRequest\"\x11\n\x0fResetStageReply2\x9e\x02\n\rPipelineStage\x12\x45\n\x08\x44\x65scribe\x12 .edgellm.v1.DescribeStageRequest\x1a\x17.edgellm.v1.DecodeStage\x12\x36\n\x04Step\x12\x15.edgellm.v1.StageStep\x1a\x17.edgellm.v1.StageResult\x12I\n\x07\x43laimKV\x12\x1f.edgellm.v1.ClaimStageKVRequest\x1a\x1d.edgellm.v1.ClaimStageKVReply\x12\x43\n\x05Reset\x12\x1d.edgellm.v1.ResetStageRequest\x1a\x1b.edgellm.v1.ResetStageReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64gellm/v1/decode_stage.proto\x12\nedgellm.v1\x1a\x17\x65\x64gellm/v1/common.proto\"9\n\x0bStageTensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"0\n\x0bStageKVLoad\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x03(\x03\"\xae\x02\n\tStageStep\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x12\n\nis_prefill\x18\x02 \x01(\x08\x12\x11\n\tpositions\x18\x03 \x03(\x03\x12\x12\n\ncu_seqlens\x18\x04 \x03(\r\x12\x14\n\x0cslot_mapping\x18\x05 \x03(\x03\x12\x12\n\nstore_rows\x18\x06 \x03(\x03\x12\x14\n\x0c\x62lock_tables\x18\x07 \x03(\x03\x12\x12\n\nmax_blocks\x18\x08 \x01(\r\x12\x14\n\x0c\x63ontext_lens\x18\t \x03(\x03\x12\x17\n\x0fmax_context_len\x18\n \x01(\r\x12\'\n\x06hidden\x18\x0b \x01(\x0b\x32\x17.edgellm.v1.StageTensor\x12)\n\x08kv_loads\x18\x0c \x03(\x0b\x32\x17.edgellm.v1.StageKVLoad\"6\n\x0bStageResult\x12\'\n\x06hidden\x18\x01 \x01(\x0b\x32\x17.edgellm.v1.StageTensor\"9\n\x13\x43laimStageKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x02\"B\n\x11\x43laimStageKVReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\"\x16\n\x14\x44\x65scribeStageRequest\"\x13\n\x11ResetStageRequest\"\x11\n\x0fResetStageReply2\x9e\x02\n\rPipelineStage\x12\x45\n\x08\x44\x65scribe\x12 .edgellm.v1.DescribeStageRequest\x1a\x17.edgellm.v1.DecodeStage\x12\x36\n\x04Step\x12\x15.edgellm.v1.StageStep\x1a\x17.edgellm.v1.StageResult\x12I\n\x07\x43laimKV\x12\x1f.edgellm.v1.ClaimStageKVRequest\x1a\x1d.edgellm.v1.ClaimStageKVReply\x12\x43\n\x05Reset\x12\x1d.edgellm.v1.ResetStageRequest\x1a\x1b.edgellm.v1.ResetStageReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEKVLOAD']._serialized_start=129
   _globals['_STAGEKVLOAD']._serialized_end=177
   _globals['_STAGESTEP']._serialized_start=180
-  _globals['_STAGESTEP']._serialized_end=507
-  _globals['_STAGERESULT']._serialized_start=509
-  _globals['_STAGERESULT']._serialized_end=630
-  _globals['_CLAIMSTAGEKVREQUEST']._serialized_start=632
-  _globals['_CLAIMSTAGEKVREQUEST']._serialized_end=689
-  _globals['_CLAIMSTAGEKVREPLY']._serialized_start=691
-  _globals['_CLAIMSTAGEKVREPLY']._serialized_end=757
-  _globals['_DESCRIBESTAGEREQUEST']._serialized_start=759
-  _globals['_DESCRIBESTAGEREQUEST']._serialized_end=781
-  _globals['_RESETSTAGEREQUEST']._serialized_start=783
-  _globals['_RESETSTAGEREQUEST']._serialized_end=802
-  _globals['_RESETSTAGEREPLY']._serialized_start=804
-  _globals['_RESETSTAGEREPLY']._serialized_end=821
-  _globals['_PIPELINESTAGE']._serialized_start=824
-  _globals['_PIPELINESTAGE']._serialized_end=1110
+  _globals['_STAGESTEP']._serialized_end=482
+  _globals['_STAGERESULT']._serialized_start=484
+  _globals['_STAGERESULT']._serialized_end=538
+  _globals['_CLAIMSTAGEKVREQUEST']._serialized_start=540
+  _globals['_CLAIMSTAGEKVREQUEST']._serialized_end=597
+  _globals['_CLAIMSTAGEKVREPLY']._serialized_start=599
+  _globals['_CLAIMSTAGEKVREPLY']._serialized_end=665
+  _globals['_DESCRIBESTAGEREQUEST']._serialized_start=667
+  _globals['_DESCRIBESTAGEREQUEST']._serialized_end=689
+  _globals['_RESETSTAGEREQUEST']._serialized_start=691
+  _globals['_RESETSTAGEREQUEST']._serialized_end=710
+  _globals['_RESETSTAGEREPLY']._serialized_start=712
+  _globals['_RESETSTAGEREPLY']._serialized_end=729
+  _globals['_PIPELINESTAGE']._serialized_start=732
+  _globals['_PIPELINESTAGE']._serialized_end=1018
 # @@protoc_insertion_point(module_scope)

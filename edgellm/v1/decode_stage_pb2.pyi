@@ -26,7 +26,7 @@ class StageKVLoad(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., slots: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StageStep(_message.Message):
-    __slots__ = ("step_id", "is_prefill", "positions", "cu_seqlens", "slot_mapping", "store_rows", "block_tables", "max_blocks", "context_lens", "max_context_len", "hidden", "kv_loads", "full_logit_rows")
+    __slots__ = ("step_id", "is_prefill", "positions", "cu_seqlens", "slot_mapping", "store_rows", "block_tables", "max_blocks", "context_lens", "max_context_len", "hidden", "kv_loads")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     IS_PREFILL_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -39,7 +39,6 @@ class StageStep(_message.Message):
     MAX_CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     KV_LOADS_FIELD_NUMBER: _ClassVar[int]
-    FULL_LOGIT_ROWS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     is_prefill: bool
     positions: _containers.RepeatedScalarFieldContainer[int]
@@ -52,18 +51,13 @@ class StageStep(_message.Message):
     max_context_len: int
     hidden: StageTensor
     kv_loads: _containers.RepeatedCompositeFieldContainer[StageKVLoad]
-    full_logit_rows: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step_id: _Optional[int] = ..., is_prefill: _Optional[bool] = ..., positions: _Optional[_Iterable[int]] = ..., cu_seqlens: _Optional[_Iterable[int]] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., store_rows: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[int]] = ..., max_blocks: _Optional[int] = ..., context_lens: _Optional[_Iterable[int]] = ..., max_context_len: _Optional[int] = ..., hidden: _Optional[_Union[StageTensor, _Mapping]] = ..., kv_loads: _Optional[_Iterable[_Union[StageKVLoad, _Mapping]]] = ..., full_logit_rows: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., is_prefill: _Optional[bool] = ..., positions: _Optional[_Iterable[int]] = ..., cu_seqlens: _Optional[_Iterable[int]] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., store_rows: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[int]] = ..., max_blocks: _Optional[int] = ..., context_lens: _Optional[_Iterable[int]] = ..., max_context_len: _Optional[int] = ..., hidden: _Optional[_Union[StageTensor, _Mapping]] = ..., kv_loads: _Optional[_Iterable[_Union[StageKVLoad, _Mapping]]] = ...) -> None: ...
 
 class StageResult(_message.Message):
-    __slots__ = ("hidden", "greedy_token_ids", "logits")
+    __slots__ = ("hidden",)
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    GREEDY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    LOGITS_FIELD_NUMBER: _ClassVar[int]
     hidden: StageTensor
-    greedy_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    logits: StageTensor
-    def __init__(self, hidden: _Optional[_Union[StageTensor, _Mapping]] = ..., greedy_token_ids: _Optional[_Iterable[int]] = ..., logits: _Optional[_Union[StageTensor, _Mapping]] = ...) -> None: ...
+    def __init__(self, hidden: _Optional[_Union[StageTensor, _Mapping]] = ...) -> None: ...
 
 class ClaimStageKVRequest(_message.Message):
     __slots__ = ("request_id", "wait_s")

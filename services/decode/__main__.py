@@ -15,7 +15,6 @@ from edgellm.device import DeviceUnavailable
 from edgellm.engine.loop import EngineLoop
 from edgellm.engine_builder import build_engine, load_decode_stage, start_decode_stage0
 from edgellm.parallel.control import StageControl
-from edgellm.parallel.layout import stage_layers
 from edgellm.parallel.pipeline import StagePipeline
 from edgellm.quant.checkpoint import CheckpointError
 from edgellm.rpc.security import ClusterSecurity, SecurityError
@@ -36,16 +35,16 @@ def own_address(config: cfg.Config) -> str:
 async def start_pipeline(config: cfg.Config, security: ClusterSecurity) -> tuple[EngineLoop, StageControl]:
     """Stage 0 of a pipeline-parallel unit: its layers, a connection to every other stage (waits
     for them), then its engine, whose warm-up runs through them."""
-    loaded, num_threads = load_decode_stage(config, 0)
+    loaded, num_threads, ranges = load_decode_stage(config, 0)
     parallel = config.parallel
     pipeline = StagePipeline(loaded.model, parallel.stage_addresses(config.network.decode_port),
                              parallel.decode_stage_timeout_s, security, config.monitor.stream_ping_after_ms,
                              config.monitor.stream_ping_timeout_ms)
-    stages = StageControl(pipeline, stage_layers(loaded.model.arch.num_layers, parallel.decode_stages), security,
+    stages = StageControl(pipeline, ranges, security,
                           config.monitor.health_interval_s, config.monitor.stream_ping_after_ms,
                           config.monitor.stream_ping_timeout_ms)
     await stages.connect()
-    engine = start_decode_stage0(config, loaded, num_threads, pipeline, pipeline.admit)
+    engine = start_decode_stage0(config, loaded, num_threads, ranges, pipeline, pipeline.admit)
     return engine, stages
 
 

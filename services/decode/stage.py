@@ -1,6 +1,6 @@
 """`python -m services.decode.stage --decode-stages N --decode-stage K` (K >= 1): one pipeline
-stage of a decode unit. It loads the model, keeps layers stage_layers(num_layers, N)[K] (and the
-LM head on the last stage), sizes its paged cache like stage 0's, warms up, then serves
+stage of a decode unit. It loads the model, keeps its layers (stages.stage_plan: balanced by
+weight bytes), sizes its paged cache like stage 0's, warms up, then serves
 PipelineStage on config.parallel.stage_addresses(decode_port)[K-1]. Stage 0 (services.decode) is
 the unit's face to the gateway and the monitor; start the stages before it."""
 
@@ -17,7 +17,6 @@ from edgellm import logs
 from edgellm.device import DeviceUnavailable, device_label
 from edgellm.engine.weights import DTYPE_NAMES
 from edgellm.engine_builder import decode_stage_limits, load_decode_stage
-from edgellm.parallel.layout import stage_layers
 from edgellm.parallel.stages import StageRunner
 from edgellm.placement import pin_process
 from edgellm.quant.checkpoint import CheckpointError
@@ -44,16 +43,16 @@ def stage_kv_store(config: cfg.Config, runner: StageRunner, layers: tuple[int, i
 
 
 async def run(config: cfg.Config) -> None:
-    stage, num_stages = config.parallel.decode_stage, config.parallel.decode_stages
+    stage = config.parallel.decode_stage
     if stage < 1:
         raise SystemExit("services.decode.stage runs stages 1 .. decode_stages-1 (stage 0 is services.decode)")
     security = ClusterSecurity.for_service(config, "decode")
-    loaded, num_threads = load_decode_stage(config, stage)
+    loaded, num_threads, ranges = load_decode_stage(config, stage)
     torch.set_num_threads(max(1, num_threads))
     model = loaded.model
-    runner = StageRunner(model, decode_stage_limits(config, model).num_blocks, config.engine.kv_block_size)
+    runner = StageRunner(model, decode_stage_limits(config, model, ranges).num_blocks, config.engine.kv_block_size)
     runner.warm_up()
-    layers = stage_layers(model.arch.num_layers, num_stages)[stage]
+    layers = ranges[stage]
     describe = common_pb2.DecodeStage(layer_start=layers[0], layer_end=layers[1], weight_bytes=model.weight_bytes(),
                                       device=device_label(model.norm.weight.device), healthy=True)
     store = stage_kv_store(config, runner, layers)

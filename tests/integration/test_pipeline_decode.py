@@ -50,14 +50,16 @@ def generate_local(stack, service: str, request_id: str, prompt: list[int], max_
                 for t in d.token_ids]
 
 
-def test_stages_list_their_layers_and_hold_about_half_the_weights(pipeline_stack, tiny_stack):
+def test_stages_list_their_layers_and_split_the_weights(pipeline_stack, tiny_stack):
     with pipeline_stack.channel("decode") as channel:
         load = decode_pb2_grpc.DecodeStub(channel).GetLoad(common_pb2.GetLoadRequest(), timeout=5)
     with tiny_stack.channel("decode") as channel:
         whole = decode_pb2_grpc.DecodeStub(channel).GetLoad(common_pb2.GetLoadRequest(), timeout=5).weight_bytes
-    assert [(s.layer_start, s.layer_end) for s in load.stages] == [(0, 2), (2, 4)]
+    # the tiny model is mostly its (untied) embedding and LM head, both on stage 0: it keeps one layer
+    assert [(s.layer_start, s.layer_end) for s in load.stages] == [(0, 1), (1, 4)]
     assert load.stages[1].address == pipeline_stack.address("decode-stage1")
-    assert all(s.healthy and 0 < s.weight_bytes <= 0.6 * whole for s in load.stages)
+    assert all(s.healthy for s in load.stages)
+    assert whole <= sum(s.weight_bytes for s in load.stages) < 1.01 * whole  # held once (but the final norm)
 
 
 def test_two_stages_give_the_one_engine_tokens(pipeline_stack, expected):

@@ -22,16 +22,18 @@ def test_uneven_heads_keep_kv_groups_whole():
     assert stage_layers(30, 2) == [(0, 15), (15, 30)] and stage_layers(30, 4)[0] == (0, 8)
 
 
-def smollm_shaped() -> LlamaModel:
+def smollm_shaped(num_layers: int = 3, tied: bool = False, vocab_size: int = 300) -> LlamaModel:
     """SmolLM2's head layout (9 q / 3 KV heads) at a small width, random weights."""
-    arch = LlamaArch(vocab_size=300, hidden_size=72, intermediate_size=96, num_layers=3, num_heads=9, num_kv_heads=3,
-                     head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=256,
-                     tie_word_embeddings=False)
+    arch = LlamaArch(vocab_size=vocab_size, hidden_size=72, intermediate_size=96, num_layers=num_layers, num_heads=9,
+                     num_kv_heads=3, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+                     max_position_embeddings=256, tie_word_embeddings=tied)
     torch.manual_seed(0)
     model = LlamaModel(arch)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
 
 
