@@ -11,7 +11,7 @@ GPU_PY ?= python3
 BENCH_GPU_ARGS ?=
 BENCH_PEERS_ARGS ?=
 
-.PHONY: setup run test test-fast bench bench-precision bench-kv bench-faults bench-gateway bench-parallel fuzz protos clean test-gpu bench-gpu peers-setup bench-peers
+.PHONY: setup run test test-parallel test-fast bench bench-precision bench-kv bench-faults bench-gateway bench-parallel fuzz protos clean test-gpu bench-gpu peers-setup bench-peers
 
 setup: $(STAMP)
 	@# Converts the default model and makes the decode service's INT4-AWQ checkpoint (about a
@@ -32,7 +32,11 @@ run: setup
 	$(PY) -m edgellm up
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not parallel_each"
+
+test-parallel: setup
+	@# The real model through --prefill-tp 2 alone and --decode-stages 2 alone (make test runs both at once).
+	$(PY) -m pytest -q -m parallel_each
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not real_model"

@@ -67,10 +67,10 @@ class StagePipeline:
         stubs: in-process stand-ins for the stages' PipelineStage stubs (tests)."""
         self.model, self.addresses, self.timeout_s = model, addresses, timeout_s
         self.device = model.norm.weight.device
-        options = CHANNEL_OPTIONS + liveness_options(ping_after_ms, ping_timeout_ms)
-        self._channels = [] if stubs is not None else [security.sync_channel(a, options=options) for a in addresses]
-        self._stubs = stubs if stubs is not None else [decode_stage_pb2_grpc.PipelineStageStub(c)
-                                                       for c in self._channels]
+        self._security = security
+        self._options = CHANNEL_OPTIONS + liveness_options(ping_after_ms, ping_timeout_ms)
+        self._channels: list[grpc.Channel] = []
+        self._stubs = stubs if stubs is not None else self._connect()
         self.num_micro_batches = len(addresses) + 1
         self._pool = ThreadPoolExecutor(self.num_micro_batches, thread_name_prefix="stage-step")
         self._loads: list[decode_stage_pb2.StageKVLoad] = []  # engine thread only
@@ -86,9 +86,21 @@ class StagePipeline:
                 self.failure = reason
                 log.warning("decode_unit_down", reason=reason)
 
+    def _connect(self) -> list:
+        """New channels to the stages (and their stubs). A channel that saw its stage die sits in
+        reconnect backoff, where a call fails at once; a new one connects on its first call."""
+        old, self._channels = self._channels, [self._security.sync_channel(a, options=self._options)
+                                               for a in self.addresses]
+        for channel in old:
+            channel.close()
+        return [decode_stage_pb2_grpc.PipelineStageStub(c) for c in self._channels]
+
     def recover(self) -> None:
-        """Every stage answers again and was reset: steps run again."""
+        """Every stage answers again and was reset: steps run again, on fresh channels (no step
+        runs while the unit is down, so none uses the old ones)."""
         with self._lock:
+            if self._channels:
+                self._stubs = self._connect()
             self.failure = None
             self._loads.clear()
         log.info("decode_unit_up")

@@ -25,6 +25,7 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 JETSON_COMPOSE_FILE = REPO / "docker-compose.jetson.yml"
 JETSON_DOCKERFILE = REPO / "docker" / "Dockerfile.jetson"
+PARALLEL_COMPOSE_FILE = REPO / "docker-compose.parallel.yml"
 
 
 def compose_binary() -> pathlib.Path | None:
@@ -43,7 +44,8 @@ def compose_binary() -> pathlib.Path | None:
 
 
 def run_config(compose_file: pathlib.Path, profiles: tuple[str, ...] = (),
-               variables: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+               variables: dict[str, str] | None = None,
+               overrides: tuple[pathlib.Path, ...] = ()) -> subprocess.CompletedProcess:
     """`docker compose -f FILE [--profile P ...] config`, interpolating only `variables` (the
     caller's COMPOSE_* and EDGELLM_* variables, e.g. COMPOSE_PROFILES, are left out)."""
     binary = compose_binary()
@@ -53,7 +55,8 @@ def run_config(compose_file: pathlib.Path, profiles: tuple[str, ...] = (),
     env.update(variables or {})
     profile_flags = [arg for profile in profiles for arg in ("--profile", profile)]
     return subprocess.run(
-        [str(binary), "-f", str(compose_file), *profile_flags, "config", "--format", "json"],
+        [str(binary), "-f", str(compose_file), *(a for f in overrides for a in ("-f", str(f))), *profile_flags,
+         "config", "--format", "json"],
         cwd=compose_file.parent,
         env=env,
         capture_output=True,
@@ -380,3 +383,32 @@ def test_jetson_image_user_is_the_uid_that_owns_the_token_file(jetson):
             assert service["build"]["args"]["EDGELLM_UID"] == default
     overridden = resolved(JETSON_COMPOSE_FILE, ("decode",), {"EDGELLM_UID": "1001"})
     assert overridden["services"]["decode"]["build"]["args"]["EDGELLM_UID"] == "1001"
+
+
+def test_the_parallel_override_adds_a_prefill_rank_and_a_decode_stage_that_agree_with_their_services(defaults):
+    """docker-compose.parallel.yml on top of the base file: TP prefill (rank 1 beside the prefill
+    service) and pipeline decode (stage 1 before the decode service), their addresses consistent."""
+    result = run_config(COMPOSE_FILE, overrides=(PARALLEL_COMPOSE_FILE,))
+    assert result.returncode == 0, f"compose config failed:\n{result.stderr}"
+    services = json.loads(result.stdout)["services"]
+    assert sorted(services) == sorted([*SERVICES, "prefill-rank1", "decode-stage1"])
+    assert len({s["image"] for s in services.values()}) == 1  # one image for every role
+
+    def config_of(name: str) -> cfg.Config:
+        """What the service's process resolves: its command's flags over its EDGELLM_* variables."""
+        command = effective_command({**services[name], "build": services["prefill"]["build"]})
+        assert command[:2] == ["edgellm", "serve"]
+        return cfg.parse(command[3:], env=services[name].get("environment") or {})
+
+    rank0, rank1 = config_of("prefill"), config_of("prefill-rank1")
+    assert (rank0.parallel.prefill_tp, rank1.parallel.prefill_tp, rank1.parallel.prefill_tp_rank) == (2, 2, 1)
+    assert rank0.parallel.tp_address == rank1.parallel.tp_address == "prefill:50062"
+    assert str(rank0.parallel.prefill_tp_port) in services["prefill"]["expose"]
+    stage0, stage1 = config_of("decode"), config_of("decode-stage1")
+    assert (stage0.parallel.decode_stages, stage1.parallel.decode_stages, stage1.parallel.decode_stage) == (2, 2, 1)
+    assert stage0.parallel.stage_addresses(stage0.network.decode_port) == \
+        stage1.parallel.stage_addresses(stage1.network.decode_port) == ("decode-stage1:50153",)
+    assert effective_command({**services["decode-stage1"], "build": services["decode"]["build"]})[2] == "decode-stage"
+    assert services["decode"]["depends_on"]["decode-stage1"]["condition"] == "service_healthy"
+    for name in ("prefill-rank1", "decode-stage1"):  # the cluster credential, like every service
+        assert services[name]["environment"]["EDGELLM_CLUSTER_TOKEN_FILE"] == "/run/secrets/cluster_token"
