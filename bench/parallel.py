@@ -12,8 +12,9 @@ method carries to real boards (put the second rank on the other board instead of
                       --prompts tokens, --prefill-tp 1 vs 2. Each layer all-reduces twice:
                       2 x tokens x hidden values cross the link per layer, so on a slow link the
                       all-reduce costs more than the halved compute saves.
-  pipeline stages     decode with --decode-stages 1 vs 2: TPOT at 1 stream, tok/s at 8 and 32
-                      streams, and each stage's weight memory (its Load.stages entry).
+  pipeline stages     the decode unit alone (INT4-AWQ, requests straight to its GenerateLocal),
+                      one engine on CPU 0 vs stage 0 on CPU 0 + stage 1 on CPU 1: TPOT at 1
+                      stream, tok/s at 8 and 32 streams, each stage's weight memory (Load.stages).
 
 Writes bench/results/parallel.json and prints the tables.
 """
@@ -21,13 +22,15 @@ Writes bench/results/parallel.json and prints the tables.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime
 import json
 import pathlib
+import shutil
 import statistics
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -36,8 +39,8 @@ from bench import shaped_link
 from bench.kv import prefill_once
 from bench.shaped_link import ShapedLink
 from bench.stacks import started_stack
-from edgellm.client import AsyncClient
-from edgellm.launch import free_port
+from edgellm import config as cfg
+from edgellm.launch import Stack, free_port, free_port_argv
 from edgellm.v1 import common_pb2, decode_pb2_grpc
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -87,18 +90,49 @@ def tp_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-async def decode_rates(gateway: str, streams: int, max_tokens: int) -> dict[str, float]:
-    """Aggregate tok/s of `streams` greedy requests, and their mean time per output token."""
-    async with AsyncClient(gateway, timeout_s=600) as client:
-        async def one(i: int) -> tuple[int, float]:
-            result = await client.generate_text(prompt=f"Story {i}: the river ran past the mill and",
-                                                max_tokens=max_tokens, temperature=0.0)
-            return len(result.token_ids), result.timings.tpot_ms if result.timings else 0.0
+def decode_unit(stages: int, options: dict[str, Any], far_ip: str) -> Stack:
+    """Only the decode unit (one engine, or stage 0 and stage 1), started on free ports: requests go
+    straight to its GenerateLocal, so nothing else shares the two cores. Stage 0 (or the one
+    engine) on CPU 0, stage 1 on CPU 1, one torch thread each."""
+    argv = [*free_port_argv(), "--decode-stages", str(stages), "--decode-cpus", "0", "--decode-threads", "1"]
+    if stages > 1:
+        argv += ["--decode-stage-addrs", f"{far_ip}:{free_port()}"]
+    stack = Stack(cfg.parse(argv, env={}), log_dir=tempfile.mkdtemp(prefix="edgellm-bench-stages-"),
+                  process_args={"decode-stage1": ["--decode-cpus", "1", "--host", far_ip]},
+                  process_prefix=options.get("process_prefix", {}))
+    names = (*stack.decode_stages, "decode")
+    try:
+        for name in names:
+            stack.start(name)
+        stack.wait_serving(names, timeout_s=600)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
 
-        start = time.perf_counter()
-        done = await asyncio.gather(*(one(i) for i in range(streams)))
-        wall = time.perf_counter() - start
-    return {"tok_s": sum(n for n, _ in done) / wall, "tpot_ms": statistics.mean(t for _, t in done)}
+
+def decode_rates(stack: Stack, streams: int, max_tokens: int) -> dict[str, float]:
+    """Aggregate tok/s of `streams` concurrent GenerateLocal streams, and a stream's mean time per
+    output token after its first."""
+    per_stream: list[tuple[int, float]] = []
+
+    def one(i: int) -> None:
+        prompt = [(7 * i + j) % 1000 + 10 for j in range(32)]
+        spec = common_pb2.RequestSpec(request_id=f"s{streams}-{i}", prompt_token_ids=prompt, max_new_tokens=max_tokens)
+        arrivals = []
+        with stack.channel("decode") as channel:
+            for delta in decode_pb2_grpc.DecodeStub(channel).GenerateLocal(common_pb2.GenerateLocalRequest(spec=spec)):
+                arrivals += [time.perf_counter()] * len(delta.token_ids)
+        per_stream.append((len(arrivals), (arrivals[-1] - arrivals[0]) / max(1, len(arrivals) - 1)))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"tok_s": sum(n for n, _ in per_stream) / wall, "tpot_ms": 1e3 * statistics.mean(t for _, t in per_stream)}
 
 
 def stage_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -108,20 +142,21 @@ def stage_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             if stages == 1 and mbps is not None:
                 continue
             with second_device("decode-stage1", mbps) as (options, _, far_ip):
-                stage_flags: tuple[str, ...] = ("--decode-stages", str(stages))
-                if stages > 1:
-                    stage_flags += ("--decode-stage-addrs", f"{far_ip}:{free_port()}")
-                with started_stack("disaggregated", (*PLACEMENT, *stage_flags), **options) as (stack, _):
+                stack = decode_unit(stages, options, far_ip)
+                try:
                     with stack.channel("decode") as channel:
                         load = decode_pb2_grpc.DecodeStub(channel).GetLoad(common_pb2.GetLoadRequest(), timeout=10)
                     memory = [s.weight_bytes for s in load.stages] or [load.weight_bytes]
-                    asyncio.run(decode_rates(stack.address("gateway"), 1, 8))  # warm-up
+                    decode_rates(stack, 2, 8)  # warm-up
                     for streams in args.streams:
-                        rates = asyncio.run(decode_rates(stack.address("gateway"), streams, args.max_tokens))
                         row = {"kind": "stages", "stages": stages, "link_mbps": mbps or "loopback", "streams": streams,
-                               **rates, "stage_weight_mib": [round(m / 2**20, 1) for m in memory]}
+                               **decode_rates(stack, streams, args.max_tokens),
+                               "stage_weight_mib": [round(m / 2**20, 1) for m in memory]}
                         rows.append(row)
                         print(f"[parallel] {row}", file=sys.stderr, flush=True)
+                finally:
+                    stack.stop()
+                    shutil.rmtree(stack.log_dir, ignore_errors=True)
     return rows
 
 
@@ -134,7 +169,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
                    f"{r['bytes'] / 2**20:.1f} |")
     stage = [r for r in rows if r["kind"] == "stages"]
     if stage:
-        out += ["", "Pipeline-parallel decode (INT4-AWQ, one core per stage)", "",
+        out += ["", "Pipeline-parallel decode (INT4-AWQ, one core per stage; the decode unit alone)", "",
                 "| link | stages | streams | tok/s | TPOT ms | weights per stage MiB |", "|---|---|---|---|---|---|"]
         for r in stage:
             link = r["link_mbps"] if r["link_mbps"] == "loopback" else f"{r['link_mbps']:g} Mbit/s"

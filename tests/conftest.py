@@ -60,11 +60,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
 # transformers), so both phases run fp32 unless a test asks otherwise; the shipped default
 # (bf16 prefill, INT4-AWQ decode) has its own tests in test_precision.py and test_real_model.py.
 PLUMBING_PRECISION = {"prefill_dtype": "fp32", "decode_weights": "fp32"}
+# Test stacks run unpinned, prefill and decode sharing both cores: the hot backup's extensions
+# (prefill work while decode runs) would fight decode for them, so they are off unless a test
+# turns them on (`edgellm up` and real devices give prefill its own cores).
+TEST_DEFAULTS = {"backup_follow_tokens": 0}
 
 
 def stack_config(model: str, shipped_precision: bool = False, **overrides: str) -> cfg.Config:
     argv = ["--model", model, *free_port_argv()]
-    for key, value in (({} if shipped_precision else PLUMBING_PRECISION) | overrides).items():
+    for key, value in (TEST_DEFAULTS | ({} if shipped_precision else PLUMBING_PRECISION) | overrides).items():
         argv += ["--" + key.replace("_", "-"), str(value)]
     return cfg.parse(argv, env={})
 

@@ -80,7 +80,7 @@ def count_in_log(stack, name: str, event: str) -> int:
 
 @MIGRATE
 def test_kill9_of_the_only_decode_service(tiny_model_dir, expected, migrate):
-    stack = start_stack(stack_config(tiny_model_dir, migrate=str(migrate).lower()))
+    stack = start_stack(stack_config(tiny_model_dir, migrate=str(migrate).lower(), backup_follow_tokens=8))
     try:
         run = run_with_fault_sync(stack.address("gateway"), PROMPTS, MAX_TOKENS, fault=lambda: stack.kill("decode"),
                                   after_tokens=40)
