@@ -47,8 +47,12 @@ def _up(argv: list[str]) -> int:
         for name in stack.services:
             cpus = os.sched_getaffinity(stack.procs[name].pid)  # what the kernel enforces, not what we asked
             where = f"  (CPUs {cpu_list(tuple(sorted(cpus)))})" if cpus != everywhere else ""
-            address = stack.address(name) if name in stack.decode_stages else \
-                f"{config.network.host}:{service_port(name, config)}"
+            if name in stack.tp_workers:  # no gRPC of its own: it meets rank 0 at the rendezvous
+                address = f"rank {stack.tp_workers[name]} of {config.parallel.prefill_tp} via {config.parallel.tp_address}"
+            elif name in stack.decode_stages:
+                address = stack.address(name)
+            else:
+                address = f"{config.network.host}:{service_port(name, config)}"
             print(f"  {name:<8} {address}{where}", flush=True)
         # The token is made per run unless given; `edgellm status` needs it to read the monitor.
         print(f"Cluster token: {stack.config.security.cluster_token_file}   (edgellm status --cluster-token-file "

@@ -42,6 +42,8 @@ from edgellm.parallel.layout import HeadShard
 log = structlog.get_logger(__name__)
 
 HEARTBEAT_S = 0.2  # how often a worker says it is alive
+GENERATION_OVER = b""  # written where workers wait for a step that will not come (the group re-forms)
+IDLE_WAIT = datetime.timedelta(hours=1)  # a worker's wait for the next step (each time-out logs a warning)
 
 
 class GroupDown(RuntimeError):
@@ -181,6 +183,8 @@ class TPGroup:
         """Rank 0: open generation after generation until every rank joins one. `store`: the
         calling thread's own client (the engine thread publishes through the first one)."""
         store = store or self._store
+        # Workers of the old generation waiting for their next step learn that it will not come.
+        store.set(f"g{self.generation}/s{self._step}", GENERATION_OVER)
         while stop is None or not stop.is_set():
             generation = self.generation + 1
             self.generation = generation
@@ -296,14 +300,19 @@ class TPGroup:
 
     def next_step(self) -> bytes | None:
         """Worker: the next step rank 0 published, or None when the generation moved on (the
-        group re-forms: join the new one)."""
+        group re-forms: join the new one). Waits as long as the service stays idle: rank 0
+        writes GENERATION_OVER where a worker waits when it re-forms the group, and a dead rank 0
+        closes the connection (an error here)."""
         key = f"g{self.generation}/s{self._step}"
         while True:
             try:
-                self._store.wait([key], datetime.timedelta(seconds=1))
-            except RuntimeError:  # not yet: has rank 0 opened a new generation meanwhile?
+                self._store.wait([key], IDLE_WAIT)
+            except RuntimeError:  # an hour idle, or a re-form missed: check the generation
                 if self.current_generation() != self.generation:
                     return None
                 continue
+            payload = self._store.get(key)
+            if payload == GENERATION_OVER:
+                return None
             self._step += 1
-            return self._store.get(key)
+            return payload
