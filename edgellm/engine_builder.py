@@ -87,10 +87,10 @@ def build_tp_prefill(config: Config) -> tuple[EngineLoop, LoadedModel, TPGroup]:
     """Rank 0 of a tensor-parallel prefill group: its shard of the model, an engine that
     publishes every forward pass to the other ranks, started once every rank has joined."""
     parallel = config.parallel
-    loaded, _, num_threads = load_for(config, "prefill")
+    loaded, device, num_threads = load_for(config, "prefill")
     model = loaded.model
     limits = engine_limits(config, model.arch, model.norm.weight.dtype)  # before sharding: the whole model's heads
-    group = TPGroup(0, parallel.prefill_tp, parallel.tp_address, parallel.prefill_tp_timeout_s)
+    group = TPGroup(0, parallel.prefill_tp, parallel.tp_address, parallel.prefill_tp_timeout_s, device)
     a = model.arch
     shard_model(model, tp_shards(a.num_heads, a.num_kv_heads, a.intermediate_size, parallel.prefill_tp)[0],
                 group.all_reduce)

@@ -9,7 +9,7 @@ Steps: before each forward pass rank 0 publishes the step (tokens, positions, ca
 and where each prompt's KV goes) under a numbered key of its TCPStore; a worker waits for that
 key, runs the same forward on its shard and streams its own KV heads to the decode side. The
 store carries only step descriptions (JSON, never pickles); the all-reduces go through gloo
-(CPU) or NCCL (CUDA).
+(CPU) or NCCL (CUDA; that path has not run on a GPU yet).
 
 Faults: every collective is bounded by prefill_tp_timeout_s and each worker writes a heartbeat
 to the store, so a dead or hung rank is found within about that time (a killed one at once,
@@ -132,8 +132,11 @@ class TPGroup:
     """This rank's membership of the prefill group: rendezvous, collectives with a deadline,
     rank 0's step publication and the workers' step reception, failure and re-forming."""
 
-    def __init__(self, rank: int, world: int, address: str, timeout_s: float) -> None:
+    def __init__(self, rank: int, world: int, address: str, timeout_s: float,
+                 device: torch.device = torch.device("cpu")) -> None:
+        """device: where this rank computes; its collectives use NCCL on CUDA, gloo otherwise."""
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.device = device
         host, port = address.rsplit(":", 1)
         self.host, self.port = host, int(port)
         self._timeout = datetime.timedelta(seconds=timeout_s)
@@ -164,11 +167,8 @@ class TPGroup:
     def form(self, generation: int, store: TCPStore | None = None) -> bool:
         """Join generation `generation` of the group (rendezvous through `store`, default this
         rank's client); False if not every rank came in time."""
-        options = ProcessGroupGloo._Options()
-        options._timeout = self._timeout
-        options._devices = [ProcessGroupGloo.create_device(hostname=self._local_ip())]
         try:
-            pg = ProcessGroupGloo(PrefixStore(f"g{generation}", store or self._store), self.rank, self.world, options)
+            pg = self._process_group(PrefixStore(f"g{generation}", store or self._store))
         except RuntimeError as e:
             log.info("tp_form_failed", generation=generation, error=str(e)[:200])
             return False
@@ -215,6 +215,20 @@ class TPGroup:
                 last = whole
                 yield whole
             await asyncio.sleep(0.05)
+
+    def _process_group(self, store: PrefixStore):
+        """NCCL between GPUs (NOT yet run on one: no GPU was lent to any session so far), gloo
+        between CPUs, bound to the address this rank reaches rank 0 from."""
+        nccl = getattr(torch.distributed, "ProcessGroupNCCL", None)  # absent from CPU builds of torch
+        if self.device.type == "cuda" and nccl is not None:
+            torch.cuda.set_device(self.device)
+            options = nccl.Options()
+            options._timeout = self._timeout
+            return nccl(store, self.rank, self.world, options)
+        options = ProcessGroupGloo._Options()
+        options._timeout = self._timeout
+        options._devices = [ProcessGroupGloo.create_device(hostname=self._local_ip())]
+        return ProcessGroupGloo(store, self.rank, self.world, options)
 
     def _local_ip(self) -> str:
         """The address this rank's collectives use: the one its machine reaches rank 0 from (rank 0:

@@ -21,6 +21,7 @@ import torch
 
 from edgellm import config as cfg
 from edgellm.engine.kv_cache import PagedKVCache
+from edgellm.engine.kv_offload import LayerKVOffload
 from edgellm.engine_builder import engine_limits, load_for
 from edgellm.parallel.layout import tp_shards
 from edgellm.parallel.tp import GroupDown, TPGroup, decode_step, shard_model
@@ -44,7 +45,7 @@ class TPWorker:
         a = model.arch
         self.shard = tp_shards(a.num_heads, a.num_kv_heads, a.intermediate_size, parallel.prefill_tp)[parallel.prefill_tp_rank]
         self.group = TPGroup(parallel.prefill_tp_rank, parallel.prefill_tp, parallel.tp_address,
-                             parallel.prefill_tp_timeout_s)
+                             parallel.prefill_tp_timeout_s, self.device)
         shard_model(model, self.shard, self.group.all_reduce)
         self.cache = PagedKVCache(a.num_layers, limits.num_blocks, limits.block_size, self.shard.num_kv_heads,
                                   a.head_dim, model.norm.weight.dtype, self.device)
@@ -82,8 +83,15 @@ class TPWorker:
             for fanout, start, end in fanouts:
                 fanout.on_layer_kv(layer, k[start:end].transpose(0, 1), v[start:end].transpose(0, 1))
 
+        layer_kv = offload = None  # on a GPU, each layer's K/V reaches the streams through pinned host copies
+        if fanouts and self.device.type == "cuda":
+            layer_kv = offload = LayerKVOffload(self.device, on_layer_kv)
+        elif fanouts:
+            layer_kv = on_layer_kv
         try:
-            self.model(batch, self.cache, on_layer_kv=on_layer_kv if fanouts else None)
+            self.model(batch, self.cache, on_layer_kv=layer_kv)
+            if offload is not None:
+                offload.drain()
         except BaseException:
             for fanout, _, _ in fanouts:
                 self.loop.call_soon_threadsafe(fanout.abort)
