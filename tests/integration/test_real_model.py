@@ -219,11 +219,9 @@ def test_a_4k_token_prompt_completes_and_an_over_long_one_is_refused(real_stack)
         assert "kv_received" in f.read()  # decoded by the decode service, not degraded
 
 
-@pytest.mark.parametrize("parallel", [
-    pytest.param({"prefill_tp": 2, "decode_stages": 2}, id="both"),
-    pytest.param({"prefill_tp": 2}, id="prefill-tp2", marks=pytest.mark.parallel_each),
-    pytest.param({"decode_stages": 2}, id="decode-stages2", marks=pytest.mark.parallel_each),
-])
+@pytest.mark.parallel_real  # `make test-parallel`: about 3 minutes, past `make test`'s budget
+@pytest.mark.parametrize("parallel", [{"prefill_tp": 2}, {"decode_stages": 2}, {"prefill_tp": 2, "decode_stages": 2}],
+                         ids=["prefill-tp2", "decode-stages2", "both"])
 def test_parallel_phases_equal_transformers(transformers_answers, parallel):
     """Issue 15: one phase over two devices (the default model's 9 query / 3 KV heads split unevenly
     over two prefill ranks), fp32 everywhere: greedy tokens equal transformers' on >= 95 % of prompts."""
