@@ -54,3 +54,25 @@ class LayerKVOffload:
             done, layer, k_host, v_host = self._pending.popleft()
             done.synchronize()
             self._deliver(layer, k_host, v_host)
+
+
+class PerSequenceLayerKV:
+    """A packed prefill's layer-KV hook that cuts each layer's K/V ([T, Hkv, D], every sequence's
+    tokens packed) per sequence and hands each piece ([Hkv, S, D]) to that sequence's target. On a
+    GPU it goes through pinned host copies (LayerKVOffload): drain() after the forward pass."""
+
+    def __init__(self, device: torch.device, targets: list[tuple[Deliver, int, int]]) -> None:
+        """targets: (deliver, start, end) of each sequence whose K/V leaves, its packed rows."""
+        self._targets = targets
+        self._offload = LayerKVOffload(device, self._split) if device.type == "cuda" else None
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        (self._offload or self._split)(layer, k, v)
+
+    def _split(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for deliver, start, end in self._targets:
+            deliver(layer, k[start:end].transpose(0, 1), v[start:end].transpose(0, 1))
+
+    def drain(self) -> None:
+        if self._offload is not None:
+            self._offload.drain()

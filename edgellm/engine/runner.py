@@ -23,7 +23,7 @@ import torch
 from edgellm.engine.block_manager import BlockManager
 from edgellm.engine.cuda_graphs import DecodeGraphs
 from edgellm.engine.kv_cache import ForwardBatch, PagedKVCache
-from edgellm.engine.kv_offload import LayerKVOffload
+from edgellm.engine.kv_offload import PerSequenceLayerKV
 from edgellm.engine.model import LayerKVHook, LlamaModel
 from edgellm.engine.postprocess import RunnerOutput
 from edgellm.engine.sampling import sample
@@ -161,19 +161,11 @@ class ModelRunner:
         batch.kv_routes = [dict(hook.route, rows=[start, end]) for hook, start, end in hooks
                            if getattr(hook, "route", None) is not None]
 
-        def on_layer_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            for hook, start, end in hooks:  # each request's K/V: [Hkv, L, D]
-                hook(layer, k[start:end].transpose(0, 1), v[start:end].transpose(0, 1))
-
-        layer_kv = offload = None  # on a GPU, each layer's K/V reaches the hooks through pinned host copies
-        if hooks and self.device.type == "cuda":
-            layer_kv = offload = LayerKVOffload(self.device, on_layer_kv)
-        elif hooks:
-            layer_kv = on_layer_kv
+        layer_kv = PerSequenceLayerKV(self.device, hooks) if hooks else None  # each request's K/V: [Hkv, L, D]
         start_ns = time.time_ns()
         logits = self.forward(batch, self.cache, on_layer_kv=layer_kv)  # [B, V]
-        if offload is not None:
-            offload.drain()
+        if layer_kv is not None:
+            layer_kv.drain()
         self._wait_for_device()
         end_ns = time.time_ns()
         return self._sample(seqs, logits, [seq.samples_after_prefill for seq in seqs], start_ns, end_ns)

@@ -21,7 +21,7 @@ import torch
 
 from edgellm import config as cfg
 from edgellm.engine.kv_cache import PagedKVCache
-from edgellm.engine.kv_offload import LayerKVOffload
+from edgellm.engine.kv_offload import PerSequenceLayerKV
 from edgellm.engine_builder import engine_limits, load_for
 from edgellm.parallel.layout import tp_shards
 from edgellm.parallel.tp import GroupDown, TPGroup, decode_step, shard_model
@@ -79,19 +79,12 @@ class TPWorker:
         fanouts = [(asyncio.run_coroutine_threadsafe(self._open(route), self.loop).result(), *route["rows"])
                    for route in routes]
 
-        def on_layer_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            for fanout, start, end in fanouts:
-                fanout.on_layer_kv(layer, k[start:end].transpose(0, 1), v[start:end].transpose(0, 1))
-
-        layer_kv = offload = None  # on a GPU, each layer's K/V reaches the streams through pinned host copies
-        if fanouts and self.device.type == "cuda":
-            layer_kv = offload = LayerKVOffload(self.device, on_layer_kv)
-        elif fanouts:
-            layer_kv = on_layer_kv
+        layer_kv = PerSequenceLayerKV(self.device, [(f.on_layer_kv, start, end) for f, start, end in fanouts]) \
+            if fanouts else None
         try:
             self.model(batch, self.cache, on_layer_kv=layer_kv)
-            if offload is not None:
-                offload.drain()
+            if layer_kv is not None:
+                layer_kv.drain()
         except BaseException:
             for fanout, _, _ in fanouts:
                 self.loop.call_soon_threadsafe(fanout.abort)
@@ -102,14 +95,12 @@ class TPWorker:
     # ---- event loop --------------------------------------------------------------------------
     async def _open(self, route: dict) -> KVFanout:
         """This rank's KV streams of one prompt: its own heads to every stage rank 0 named."""
-        options = route["sender"]
-        wire = options.pop("wire_dtype", "")
         fanout = KVFanout(
             tuple(StageTarget(*t) for t in route["targets"]),
             lambda address: decode_pb2_grpc.DecodeStub(self.channels.get(address)),
             route["request_id"], route["num_prompt_tokens"], self.model.arch.num_layers,
-            prompt_digest=bytes.fromhex(route["digest"]), wire_dtype=codec.TRANSFER_DTYPES.get(wire),
-            heads=self.shard.kv_heads, head_shard=True, **options,
+            prompt_digest=bytes.fromhex(route["digest"]), wire_dtype=codec.TRANSFER_DTYPES.get(route["wire_dtype"]),
+            heads=self.shard.kv_heads, head_shard=True, **route["sender"],
         )
         fanout.ack.add_done_callback(lambda f: self._log_ack(route["request_id"], f))
         return fanout
