@@ -163,31 +163,31 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             spec.request_id,
             len(spec.prompt_token_ids),
             self.num_layers,
-            layers_per_chunk=t.kv_layers_per_chunk,
-            max_chunk_bytes=t.kv_max_chunk_bytes,
-            max_inflight_bytes=int(t.kv_max_inflight_mb * 2**20),
-            window_timeout_s=t.kv_wait_timeout_s,
+            **self._stream_options(),
             wire_dtype=codec.TRANSFER_DTYPES.get(t.kv_transfer_dtype),
             fault=faults.fault_for(spec.request_id) if t.kv_fault_injection else None,
-            link_mbps=t.kv_link_mbps,
-            after_prefill=t.kv_send_after_prefill,
             prompt_digest=codec.prompt_digest(spec.prompt_token_ids),
             heads=self.tp_heads,
         )
 
+    def _stream_options(self) -> dict:
+        """How every KV stream of this service is cut and paced (KVStreamSender's options), the
+        same on each rank of a tensor-parallel group: JSON-able, it travels in each step."""
+        t = self.transfer
+        return {"layers_per_chunk": t.kv_layers_per_chunk, "max_chunk_bytes": t.kv_max_chunk_bytes,
+                "max_inflight_bytes": int(t.kv_max_inflight_mb * 2**20), "window_timeout_s": t.kv_wait_timeout_s,
+                "link_mbps": t.kv_link_mbps, "after_prefill": t.kv_send_after_prefill}
+
     def _route(self, spec: common_pb2.RequestSpec, fanout: KVFanout) -> dict:
         """Where the other ranks of the tensor-parallel group send their heads of this prompt's KV
         (JSON-able: it travels in the step rank 0 publishes)."""
-        t = self.transfer
         return {
             "request_id": spec.request_id,
             "num_prompt_tokens": len(spec.prompt_token_ids),
             "digest": codec.prompt_digest(spec.prompt_token_ids).hex(),
             "targets": [[x.address, x.layer_start, x.layer_end] for x in fanout.targets],
-            "sender": {"layers_per_chunk": t.kv_layers_per_chunk, "max_chunk_bytes": t.kv_max_chunk_bytes,
-                       "max_inflight_bytes": int(t.kv_max_inflight_mb * 2**20),
-                       "window_timeout_s": t.kv_wait_timeout_s, "wire_dtype": t.kv_transfer_dtype,
-                       "link_mbps": t.kv_link_mbps},
+            "sender": self._stream_options(),
+            "wire_dtype": self.transfer.kv_transfer_dtype,
         }
 
     def _keeper(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
