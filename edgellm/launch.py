@@ -159,9 +159,8 @@ class Stack:
                 "--prefill-tp-rank", str(self.tp_workers[name]), "--prefill-metrics-port", "0"]
         elif name in self.decode_stages:
             unit, k = self.decode_stages[name]
-            command = [sys.executable, "-m", "services.decode.stage", *to_argv(self.config),
-                       "--decode-port", str(self.decode_replicas[unit]), "--decode-stage", str(k),
-                       "--decode-metrics-port", "0"]
+            command = service_command("decode-stage", self.config) + [
+                "--decode-port", str(self.decode_replicas[unit]), "--decode-stage", str(k), "--decode-metrics-port", "0"]
         elif name not in self.decode_replicas:
             command = service_command(name, self.config)
         else:
