@@ -6,6 +6,7 @@ equivalence and end-to-end tests marked `real_model` use the embedded SmolLM2-13
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -86,6 +87,17 @@ def scrape(port: int) -> str:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
+
+
+def log_events(stack: Stack, name: str, event: str) -> list[dict]:
+    """The JSON log lines of one service of a stack (its log_dir) for `event`."""
+    with open(f"{stack.log_dir}/{name}.log") as f:
+        return [e for e in map(json.loads, (line for line in f if line.startswith("{"))) if e.get("event") == event]
+
+
+def count_in_log(stack: Stack, name: str, event: str) -> int:
+    with open(f"{stack.log_dir}/{name}.log") as f:
+        return f.read().count(f'"event": "{event}"')
 
 
 def metric(text: str, name: str, labels: str = "") -> float:

@@ -10,7 +10,6 @@ ends with its text or a clear status, never a hang (the client's deadline would 
 """
 
 import contextlib
-import json
 import shutil
 import signal
 import time
@@ -25,7 +24,7 @@ from edgellm.client import Client
 from edgellm.launch import free_port
 from edgellm.linkproxy import LinkProxy
 from edgellm.v1 import monitor_pb2
-from tests.conftest import metric, scrape, stack_config, start_stack
+from tests.conftest import count_in_log, log_events, metric, scrape, stack_config, start_stack
 
 PROMPTS = [f"Story {i}: the river ran past the mill and" for i in range(16)]
 MAX_TOKENS = 120
@@ -68,14 +67,6 @@ def stop(stack) -> None:
     shutil.rmtree(stack.log_dir, ignore_errors=True)
 
 
-def log_events(stack, name: str, event: str) -> list[dict]:
-    with open(f"{stack.log_dir}/{name}.log") as f:
-        return [e for e in map(json.loads, (line for line in f if line.startswith("{"))) if e.get("event") == event]
-
-
-def count_in_log(stack, name: str, event: str) -> int:
-    with open(f"{stack.log_dir}/{name}.log") as f:
-        return f.read().count(f'"event": "{event}"')
 
 
 @MIGRATE

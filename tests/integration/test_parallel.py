@@ -12,15 +12,11 @@ import time
 
 from bench.streams import run_with_fault_sync
 from edgellm.v1 import monitor_pb2
-from tests.conftest import metric, scrape, stack_config, start_stack
+from tests.conftest import count_in_log, metric, scrape, stack_config, start_stack
 
 PROMPTS = [f"Story {i}: the river ran past the mill and" for i in range(8)]
 MAX_TOKENS = 40
 
-
-def count_in_log(stack, name: str, event: str) -> int:
-    with open(f"{stack.log_dir}/{name}.log") as f:
-        return f.read().count(f'"event": "{event}"')
 
 
 def test_tp_prefill_matches_one_device_and_survives_a_dead_rank(tiny_model_dir, tiny_stack):

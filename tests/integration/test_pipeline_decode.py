@@ -14,7 +14,7 @@ import pytest
 from bench.streams import run_with_fault_sync
 from edgellm.launch import free_port, is_serving
 from edgellm.v1 import common_pb2, decode_pb2_grpc, monitor_pb2, prefill_pb2_grpc
-from tests.conftest import metric, scrape, stack_config, start_stack
+from tests.conftest import count_in_log, metric, scrape, stack_config, start_stack
 
 PROMPTS = [f"Story {i}: the river ran past the mill and" for i in range(12)]
 MAX_TOKENS = 60
@@ -36,10 +36,6 @@ def pipeline_stack(tiny_model_dir):
     stack.stop()
     shutil.rmtree(stack.log_dir, ignore_errors=True)
 
-
-def count_in_log(stack, name: str, event: str) -> int:
-    with open(f"{stack.log_dir}/{name}.log") as f:
-        return f.read().count(f'"event": "{event}"')
 
 
 def generate_local(stack, service: str, request_id: str, prompt: list[int], max_new: int) -> list[int]:
