@@ -1,8 +1,8 @@
 """`python -m bench.faults` (`make bench-faults`): what a decode failure costs the streams in flight.
 
 Scenarios, each on its own stack of the embedded model with every setting at its default
-(health checks every 0.2 s, 0.3 s deadline, down after 2 misses; stream liveness pings after
-100 ms, 300 ms deadline) but for the precision, placed as `edgellm up` places them on this
+(health checks every 0.2 s, 0.3 s deadline, down after 2 misses; the gateway probes a service
+whose streams have been quiet for 50 ms, 200 ms deadline) but for the precision, placed as `edgellm up` places them on this
 2-core machine: prefill on CPU 0, decode on CPU 1, one torch thread each, standing in for two
 devices (unpinned, the engines' OpenMP teams fight over the cores, and a cut-off decode service
 that still computes would slow the takeover on the other "device"):
@@ -10,8 +10,8 @@ that still computes would slow the takeover on the other "device"):
   kill9         kill -9 of the only decode service: streams go on in degraded mode (prefill decodes),
                 reusing the prompt KV the prefill service kept (hot backup, --kv-backup-mb)
   kill9-no-backup  the same with the hot backup off (--kv-backup-mb 0): the prompts are recomputed
-  sigstop       SIGSTOP of the only decode service: hung, its TCP open; found by the streams'
-                liveness pings (or the monitor, whichever is first)
+  sigstop       SIGSTOP of the only decode service: hung, its TCP open; found by the gateway's
+                probe (or the monitor, whichever is first)
   cut-link      the only decode service reached through a TCP proxy that stops moving bytes (a
                 pulled cable: no reset, no close)
   kill9-of-two  two decode services, one killed: its streams move to the other, whose KV comes
@@ -43,6 +43,7 @@ import argparse
 import datetime
 import json
 import pathlib
+import shutil
 import signal
 import sys
 import time
@@ -174,6 +175,8 @@ def run_scenario(name: str, flags: tuple[str, ...], target: str, sig: int, args:
             if sig == signal.SIGSTOP:
                 stack.kill(target, signal.SIGCONT)
             by_request = phases(stack.log_dir, fault_unix)
+            if args.keep_logs is not None:  # every service's log, for a look at where the time went
+                shutil.copytree(stack.log_dir, args.keep_logs / name, dirs_exist_ok=True)
     finally:
         if proxy is not None:
             proxy.restore()
@@ -206,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--after-tokens", type=int, default=32, help="tokens every stream has when the fault comes")
     parser.add_argument("--scenarios", nargs="+", default=list(scenarios()))
+    parser.add_argument("--keep-logs", type=pathlib.Path, default=None, metavar="DIR",
+                        help="copy each scenario's service logs to DIR/<scenario>/")
     parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "bench" / "results" / "faults.json")
     args = parser.parse_args(argv)
     available = scenarios()

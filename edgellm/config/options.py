@@ -129,11 +129,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("health_timeout_s", float, 0.3, "deadline of one health check"),
     Option("down_after", int, 2, "consecutive failed checks that mark a service down"),
     Option("up_after", int, 2, "consecutive good checks that mark a service up again"),
-    Option("stream_ping_after_ms", int, 100, "gateway: a call to an engine service that has read nothing for this "
-           "long sends an HTTP/2 ping (answered by gRPC's own threads, so a busy but live service answers); 0 = off"),
-    Option("stream_ping_timeout_ms", int, 300, "gateway: a ping unanswered this long fails the connection's calls at "
-           "once (UNAVAILABLE), so a hung or cut-off engine, whose TCP connection stays open, is found; raise it on "
-           "links whose queues hold more than this (a congested WiFi)"),
+    Option("stream_ping_after_ms", int, 50, "gateway: once nothing has come for this long from an engine service "
+           "with calls in flight, probe it (a health Check on the same connection, answered by its event loop, so a "
+           "busy but live service answers); 0 = no probes (the monitor still finds a hung service)"),
+    Option("stream_ping_timeout_ms", int, 200, "gateway: a probe unanswered this long moves every call in flight "
+           "there, so a hung or cut-off engine, whose TCP connection stays open, is found; raise it on links whose "
+           "round trip under load nears it (a congested WiFi)"),
     # gateway
     Option("default_max_tokens", int, 256, "max_tokens when a request leaves it 0"),
     Option("max_queued_requests", int, 256, "requests waiting in the gateway's prefill pool; more get RESOURCE_EXHAUSTED"),

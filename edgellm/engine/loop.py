@@ -26,6 +26,7 @@ import asyncio
 import collections
 import itertools
 import threading
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterable
 
@@ -61,6 +62,9 @@ class EngineLimits:
     max_running: int = 64  # sequences in the decode batch
     max_consecutive_prefills: int = 4  # then a decode step runs, so decoding never starves
     max_waiting: int = 1024  # sequences queued and not yet running; more are refused (EngineBusy)
+    # Takeovers reaching an idle engine wait until none has come for this long (at most 4x it)
+    # so that one packed prefill takes every stream moved here by the same failure.
+    takeover_gather_s: float = 0.01
 
 
 @dataclass
@@ -149,6 +153,8 @@ class EngineLoop:
         self._inbox: collections.deque[_Submission] = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False
+        self.takeover_gather_s = limits.takeover_gather_s
+        self._last_takeover_at = 0.0  # time.monotonic() of the newest takeover submitted
         self._warm = threading.Event()
         self._step_error = ""  # why the last failed step failed (its sequences' EngineError says it)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -216,12 +222,14 @@ class EngineLoop:
         if (seq.kind is Kind.FROM_KV) != (staged_kv is not None):
             raise ValueError("staged_kv is required for a FROM_KV sequence, and only there")
         num_prefix = 0 if prefix_kv is None else prefix_kv[0].shape[2]
-        if seq.kind is Kind.FROM_KV or num_prefix >= len(seq.prefill_token_ids):
+        if seq.kind is Kind.FROM_KV or num_prefix >= seq.num_tokens:
             prefix_kv, num_prefix = None, 0  # a prefix covering every token to prefill would leave none to run
         seq.has_staged_kv = staged_kv is not None
         seq.num_prefix_tokens = num_prefix
         with self._wake:
             self._inbox.append(_Submission(seq, emit, on_layer_kv, staged_kv, prefix_kv))
+            if seq.is_takeover:
+                self._last_takeover_at = time.monotonic()
             self._wake.notify()
 
     def check_fits(self, num_tokens: int) -> None:
@@ -337,9 +345,26 @@ class EngineLoop:
                     self._wake.wait(timeout=0.05)
                 if self._stopped:
                     return
+                self._gather_takeovers()
             if self.step().is_empty:  # waiting for blocks or a cancellation: nothing to compute yet
                 with self._wake:
                     self._wake.wait(timeout=0.05)
+
+    def _gather_takeovers(self) -> None:
+        """When a decode service fails, the gateway moves each of its streams here as it sees that
+        stream's path fail: they arrive within milliseconds of each other. Wait until they stop
+        coming (takeover_gather_s without one, 4x that at most) so that one packed prefill takes
+        them all, instead of the first running alone while the rest queue behind its pass.
+        Called on the engine thread with self._wake held; returns at once without a takeover."""
+        if not any(sub.seq.is_takeover for sub in self._inbox):
+            return
+        give_up_at = time.monotonic() + 4 * self.takeover_gather_s
+        while not self._stopped:
+            until = min(self._last_takeover_at + self.takeover_gather_s, give_up_at)
+            now = time.monotonic()
+            if now >= until:
+                return
+            self._wake.wait(until - now)
 
     def step(self) -> SchedulerOutput:
         """One engine iteration: take new sequences, schedule, run, postprocess.
@@ -355,8 +380,13 @@ class EngineLoop:
         self.num_preemptions += len(out.preempted)
         self.max_decode_batch = max(self.max_decode_batch, len(out.decodes))
         ran = out.prefills + out.decodes + out.admitted_from_kv
+        started = time.perf_counter()
         try:
             result = self.runner.execute(out)
+            log.debug("engine_step", num_prefills=len(out.prefills), num_decodes=len(out.decodes),
+                      num_admitted=len(out.admitted_from_kv),
+                      num_computed_tokens=sum(s.num_tokens - s.num_prefix_tokens for s in out.prefills),
+                      ms=round(1e3 * (time.perf_counter() - started), 1))
             for o in postprocess(self.scheduler, out, result, self.eos_token_ids, self.info.max_context):
                 self._emits[o.seq.seq_id](o.token_id, o.finish_reason)
         except Exception as e:

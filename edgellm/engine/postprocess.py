@@ -23,8 +23,7 @@ FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
 class RunnerOutput:
     """What one forward pass produced, as integers."""
 
-    # One per out.prefills (None: a recompute, whose next input token is already known),
-    # else one per out.decodes.
+    # One per out.prefills, else one per out.decodes (None where that sequence's sampling failed)
     sampled_token_ids: list[int | None]
     forward_start_unix_ns: int = 0
     forward_end_unix_ns: int = 0
@@ -78,9 +77,8 @@ def postprocess(
             seq.forward_start_unix_ns = result.forward_start_unix_ns
             seq.forward_end_unix_ns = result.forward_end_unix_ns
             seq.num_prefix_tokens = 0  # used up: a later recompute runs every token
-            seq.num_cached_tokens = len(seq.prefill_token_ids) if seq.kind is not Kind.PREFILL_ONLY else 0
-            if token_id is not None:
-                append(seq, token_id)
+            seq.num_cached_tokens = seq.num_tokens if seq.kind is not Kind.PREFILL_ONLY else 0
+            append(seq, token_id)
             if seq.kind is Kind.PREFILL_ONLY:
                 scheduler.finish(seq)  # its KV went out through the layer hook; nothing stays here
             elif seq.status is not Status.FINISHED:

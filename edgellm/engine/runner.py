@@ -134,10 +134,11 @@ class ModelRunner:
 
     def prefill(self, seqs: list[Sequence]) -> RunnerOutput:
         """One packed forward over whole prompts. Samples a token for each sequence (index
-        num_generated); None for recomputes (their next token is known)."""
+        num_generated): a takeover or a recompute after preemption (prompt + generated tokens)
+        gets its next token from this pass, without waiting for a decode step."""
         token_ids, positions, slots, store_rows, cu_seqlens, prefixes = [], [], [], [], [0], []
         for seq in seqs:
-            ids = seq.prefill_token_ids
+            ids = seq.token_ids
             prefix = self._take_prefix(seq)
             cached = 0 if prefix is None else prefix[0].shape[1]
             token_ids += ids[cached:]
@@ -168,7 +169,7 @@ class ModelRunner:
             layer_kv.drain()
         self._wait_for_device()
         end_ns = time.time_ns()
-        return self._sample(seqs, logits, [seq.samples_after_prefill for seq in seqs], start_ns, end_ns)
+        return self._sample(seqs, logits, start_ns, end_ns)
 
     def decode(self, seqs: list[Sequence]) -> RunnerOutput:
         """Advance every sequence by one token (blocks for the new token already allocated)."""
@@ -196,11 +197,10 @@ class ModelRunner:
             logits = self.forward(batch, self.cache)  # [B, V]
         self._wait_for_device()
         end_ns = time.time_ns()
-        return self._sample(seqs, logits, [True] * len(seqs), start_ns, end_ns)
+        return self._sample(seqs, logits, start_ns, end_ns)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, wanted: list[bool], start_ns: int,
-                end_ns: int) -> RunnerOutput:
-        """Each wanted sequence's next token from its logits row. One batched argmax on the
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, start_ns: int, end_ns: int) -> RunnerOutput:
+        """Each sequence's next token from its logits row. One batched argmax on the
         device serves every greedy sequence: only the token ids cross to the host. Seeded
         sampling runs on the host, on that sequence's row alone: its draw is then the same
         whichever device computed the logits, so a request that moves between a GPU engine and
@@ -208,8 +208,8 @@ class ModelRunner:
         greedy = logits.argmax(dim=-1).tolist()
         failed: dict[int, str] = {}
         sampled: list[int | None] = [
-            None if not want else greedy[i] if seq.sampling.is_greedy else _sample_one(logits[i].cpu(), seq, failed)
-            for i, (seq, want) in enumerate(zip(seqs, wanted))
+            greedy[i] if seq.sampling.is_greedy else _sample_one(logits[i].cpu(), seq, failed)
+            for i, seq in enumerate(seqs)
         ]
         return RunnerOutput(sampled, start_ns, end_ns, failed)
 

@@ -80,6 +80,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_seq_ids=self.drop_cancelled())
         self._admit_staged(out)
+        if not self.running:  # the count is of prefills that kept running sequences waiting
+            self._consecutive_prefills = 0
         if not (self.running and self._consecutive_prefills >= self.max_consecutive_prefills):
             self._schedule_prefills(out)
         if out.prefills:
@@ -109,8 +111,9 @@ class Scheduler:
         # Takeovers first (a request that already streamed tokens and moved here after a failure:
         # its client is waiting mid-answer), then new prompts; each in arrival order.
         for seq in sorted((s for s in self.waiting if s.needs_prefill), key=lambda s: s.num_generated == 0):
-            n = len(seq.prefill_token_ids)
-            if out.prefills and num_tokens + n > self.max_batch_tokens:
+            n = seq.num_tokens
+            num_computed = n - seq.num_prefix_tokens  # a takeover's kept prefix K/V is copied, not computed
+            if out.prefills and num_tokens + num_computed > self.max_batch_tokens:
                 break  # a prompt longer than the budget still runs, alone
             if seq.kind is not Kind.PREFILL_ONLY:
                 joining = sum(1 for s in out.prefills if s.kind is not Kind.PREFILL_ONLY)
@@ -119,7 +122,7 @@ class Scheduler:
                 seq.block_table = self.blocks.allocate(n)
             self.waiting.remove(seq)
             out.prefills.append(seq)
-            num_tokens += n
+            num_tokens += num_computed
 
     def _schedule_decodes(self, out: SchedulerOutput) -> None:
         for seq in sorted(self.running, key=lambda s: s.arrival):

@@ -6,7 +6,8 @@ Kinds of work, all scheduled the same way:
   LOCAL         degraded / colocated mode: prefill here, then decode here.
   FROM_KV       decode service: the prompt's KV arrived from prefill (staged), decode here.
 A running sequence preempted for lack of blocks loses its KV and is re-queued; it then
-needs a recompute prefill of prompt + generated tokens before decoding resumes.
+needs a recompute prefill of prompt + generated tokens, which samples its next token as a
+first prefill does (so does a takeover: its tokens so far arrive as its prompt).
 
 A Sequence holds no tensors and no callbacks: the runner keeps its staged or kept-prefix
 K/V and its layer-KV hook, the loop its output callback, both keyed by seq_id (unique in
@@ -74,15 +75,10 @@ class Sequence:
         return self.status is Status.WAITING and not self.has_staged_kv
 
     @property
-    def prefill_token_ids(self) -> list[int]:
-        # After a preemption the last sampled token has no KV yet and is fed by the next decode step.
-        # A PREFILL_ONLY takeover (num_generated > 0) runs every token: its KV goes to decode whole.
-        return self.token_ids if self.samples_after_prefill else self.token_ids[:-1]
-
-    @property
-    def samples_after_prefill(self) -> bool:
-        """Whether the prefill forward pass samples a token (False: a recompute, its next input is known)."""
-        return self.num_generated == 0 or self.kind is Kind.PREFILL_ONLY
+    def is_takeover(self) -> bool:
+        """Resumes a stream begun elsewhere (its path failed): a forward pass over prompt + the
+        tokens already streamed samples its next one. (A FROM_KV sequence arrives with its K/V.)"""
+        return self.num_generated > 0 and self.kind is not Kind.FROM_KV
 
     @property
     def num_staged_tokens(self) -> int:

@@ -14,7 +14,6 @@ from typing import Awaitable, Callable, Collection
 
 import grpc
 
-from edgellm.config import MonitorConfig
 from edgellm.rpc.security import OPEN, ClusterSecurity
 from edgellm.rpc.server import MAX_MESSAGE_BYTES
 
@@ -29,8 +28,8 @@ CHANNEL_OPTIONS = [
 
 
 def liveness_options(ping_after_ms: int, ping_timeout_ms: int) -> list[tuple[str, int]]:
-    """Channel options that find a hung or cut-off peer within about ping_after_ms +
-    ping_timeout_ms of its last message (measured: 0.25-0.3 s at 100 + 200 ms).
+    """Channel options that find a hung or cut-off peer about ping_after_ms + ping_timeout_ms
+    after its last message, unless a ping already went out in the second before (see below).
 
     A stopped process or a dead link never closes its TCP connection, so a stream from it just
     goes quiet. gRPC's keepalive sends an HTTP/2 ping once a connection with calls in flight has
@@ -43,10 +42,13 @@ def liveness_options(ping_after_ms: int, ping_timeout_ms: int) -> list[tuple[str
     default, plenty for token streams. (A 4 MiB `http2.lookahead_bytes` to make up for it was
     tried: token streams got 8x slower.)
 
-    Used on the gateway's channels only: a ping queues behind whatever the connection already
-    sends, and on a slow link a KV upload (prefill -> decode) holds seconds of bytes in socket
-    buffers, which would fail a live stream. A KV stream has its own window timeout, and the
-    gateway's pings on the same request's other calls find a hung peer."""
+    A client transport sends at most one ping a second, whatever these say, so a ping that went
+    out in an ordinary pause can delay the one that matters by up to a second: the gateway
+    probes its engine services itself instead (services/gateway/liveness.py). These options
+    serve a decode unit's calls to its later stages (parallel/control.py, pipeline.py). Never on
+    KV uploads: a ping queues behind whatever the connection already sends, and on a slow link a
+    KV upload (prefill -> decode) holds seconds of bytes in socket buffers, which would fail a
+    live stream; a KV stream has its own window timeout."""
     if ping_after_ms <= 0:
         return []
     return [
@@ -60,14 +62,9 @@ def liveness_options(ping_after_ms: int, ping_timeout_ms: int) -> list[tuple[str
 
 
 class ChannelPool:
-    def __init__(self, security: ClusterSecurity = OPEN,
-                 admit: Callable[[str], Awaitable[bool]] | None = None, liveness: MonitorConfig | None = None) -> None:
-        """liveness: the stream ping settings (--stream-ping-after-ms, --stream-ping-timeout-ms)
-        for the gateway's channels to the engines; None = no pings."""
+    def __init__(self, security: ClusterSecurity = OPEN, admit: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.security = security
-        self._options = CHANNEL_OPTIONS + (
-            [] if liveness is None else liveness_options(liveness.stream_ping_after_ms, liveness.stream_ping_timeout_ms)
-        )
+        self._options = CHANNEL_OPTIONS
         self._admit = admit
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task] = set()

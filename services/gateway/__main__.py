@@ -16,6 +16,7 @@ from edgellm.rpc.security import ClusterSecurity, SecurityError, api_key_interce
 from edgellm.rpc.server import serve
 from edgellm.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.http import HttpApi
+from services.gateway.liveness import LivenessProber
 from services.gateway.migration import Migrator
 from services.gateway.pipeline import Pipeline
 from services.gateway.pools import Pools
@@ -42,7 +43,7 @@ async def run(config: cfg.Config) -> None:
     max_context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
     net = config.network
     router = Router()  # no route until the monitor's first table
-    channels = ChannelPool(security, liveness=config.monitor)
+    channels = ChannelPool(security)
     follow_task: asyncio.Task | None = None
     http_api: HttpApi | None = None
 
@@ -59,7 +60,8 @@ async def run(config: cfg.Config) -> None:
         metrics.gauge("edgellm_route_mode", "Routing mode in force here (1 normal, 2 degraded, 3 colocated, "
                       "4 no prefill)", lambda: router.mode)
         metrics.serve_metrics(net.gateway_metrics_port, net.host)
-        upstream = Upstream(channels, label_ids=config.transfer.kv_fault_injection)
+        prober = LivenessProber(channels, config.monitor.stream_ping_after_ms, config.monitor.stream_ping_timeout_ms)
+        upstream = Upstream(channels, prober, label_ids=config.transfer.kv_fault_injection)
         migrator = Migrator(router, pools, upstream, config.gateway)
         pipeline = Pipeline(tokenizer, max_context, pools, migrator, config.gateway, config.limits)
         gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pipeline, bool(api_keys)), server)

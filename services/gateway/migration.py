@@ -3,12 +3,13 @@
 Lifecycle of a request here, one attempt at a time:
   pick a route (router.py; with no route, wait for the monitor's next tables, up to the
   request's deadline or --route-wait-s) -> run the attempt (upstream.py) while watching the
-  monitor's down signals for the services it depends on -> on the first token move the
-  request from the prefill pool to the streaming service's decode pool -> stream.
+  down signals of the services it depends on (the gateway's probes, liveness.py, and the
+  monitor's verdicts) -> on the first token move the request from the prefill pool to the
+  streaming service's decode pool -> stream.
 
-When a service on its path fails (a stream error, or the monitor marking it down, whichever
-comes first) the request is re-submitted elsewhere with prompt + streamed tokens and
-num_generated set, so the client's stream goes on with no gap and no repeat. Where it goes:
+When a service on its path fails (a stream error, an unanswered probe, or the monitor marking
+it down, whichever comes first) the request is re-submitted elsewhere with prompt + streamed
+tokens and num_generated set, so the client's stream goes on with no gap and no repeat. Where it goes:
 another decode service (re-prefilled on a prefill service, which streams the KV there), or,
 with no other decode service, the prefill service decodes too (degraded). A service that
 failed this request is avoided by it until the monitor has seen it come back up. A damaged
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+from typing import Callable
 
 import structlog
 
@@ -62,7 +64,8 @@ class Migrator:
             streaming = route.decode or route.prefill
             follower = BackupFollower(self.upstream, self.pools, self.cfg.backup_follow_tokens)
             try:
-                attempt_tokens = self._until_down(self.upstream.attempt(req, route, attempt), route)
+                attempt_tokens = self._until_down(self.upstream.attempt(req, route, attempt), route,
+                                                  lambda a: self.router.has_route(self._avoid(failed_at) | {a}))
                 async with contextlib.aclosing(attempt_tokens) as items:
                     async for item in items:
                         if req.decode_pool != streaming:
@@ -122,31 +125,46 @@ class Migrator:
         self.pools.enter_decode(address)
         req.decode_pool = address
 
-    async def _until_down(self, items: Tokens, route: Route) -> Tokens:
-        """items, until the monitor marks a service the request depends on down: then PathFailed.
-        A hung service (SIGSTOP, a cut link) keeps its TCP connection open and never fails a stream.
-        On a split route the prefill service matters only until the first token."""
-        signals = {asyncio.ensure_future(self.router.down_signal(a).wait()): a
-                   for a in (route.prefill, route.decode) if a is not None}
+    async def _until_down(self, items: Tokens, route: Route, can_leave: Callable[[str], bool]) -> Tokens:
+        """items, until a service the request depends on is found down: then PathFailed. A hung
+        service (SIGSTOP, a cut link) keeps its TCP connection open and never fails a stream: the
+        gateway's own probe (liveness.py) or the monitor finds it, whichever is first.
+        On a split route the prefill service matters only until the first token. A probe's verdict
+        (a live but starved service may miss one) moves the request only where can_leave(address)
+        says another route is there; otherwise the stream goes on until it ends, errs or the
+        monitor, which is slower to judge, marks that service down."""
+        addresses = [a for a in (route.prefill, route.decode) if a is not None]
+        verdicts = {asyncio.ensure_future(self.router.down_signal(a).wait()): (a, "monitor_verdict") for a in addresses}
+        verdicts |= {asyncio.ensure_future(self.upstream.prober.dead_signal(a).wait()): (a, "probe_unanswered")
+                     for a in addresses}
         step: asyncio.Future | None = None
         try:
             while True:
-                step = asyncio.ensure_future(anext(items))
-                done, _ = await asyncio.wait([step, *signals], return_when=asyncio.FIRST_COMPLETED)
+                if step is None:
+                    step = asyncio.ensure_future(anext(items))
+                done, _ = await asyncio.wait([step, *verdicts], return_when=asyncio.FIRST_COMPLETED)
                 if step not in done:
-                    down = signals[next(iter(done))]
-                    raise PathFailed(down, "monitor_verdict", f"the monitor marked {down} down")
+                    signal = next(iter(done))
+                    down, reason = verdicts.pop(signal)
+                    if reason == "probe_unanswered" and not can_leave(down):
+                        log.warning("probe_verdict_ignored", address=down, why="no other route for this request")
+                        continue
+                    if reason == "probe_unanswered":
+                        raise PathFailed(down, reason, f"{down} stopped answering: a probe went unanswered for "
+                                                       f"{self.upstream.prober.timeout_s:g} s")
+                    raise PathFailed(down, reason, f"the monitor marked {down} down")
                 try:
                     item = step.result()
                 except StopAsyncIteration:
                     return
+                step = None
                 if route.is_split:  # the KV is at decode now: only decode matters
-                    for signal in [f for f, a in signals.items() if a == route.prefill]:
+                    for signal in [f for f, (a, _) in verdicts.items() if a == route.prefill]:
                         signal.cancel()
-                        del signals[signal]
+                        del verdicts[signal]
                 yield item
         finally:
-            for signal in signals:
+            for signal in verdicts:
                 signal.cancel()
             if step is not None and not step.done():
                 step.cancel()  # cancels the upstream call

@@ -26,6 +26,7 @@ from edgellm.rpc.channels import ChannelPool
 from edgellm.rpc.convert import FAILED_SERVICE_KEY, WIRE_TO_FINISH
 from edgellm.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.gateway.errors import UpstreamError
+from services.gateway.liveness import LivenessProber
 from services.gateway.request import Request
 from services.gateway.router import Route
 
@@ -81,10 +82,12 @@ def local_request(req: Request, upstream_id: str) -> common_pb2.GenerateLocalReq
 class Upstream:
     """Runs attempts over the process's shared channels."""
 
-    def __init__(self, channels: ChannelPool, label_ids: bool = False) -> None:
-        """label_ids (with --kv-fault-injection only): internal ids start with the client's label,
-        so that the fault switch, keyed by id, can pick a request (still unique: the uuid follows)."""
+    def __init__(self, channels: ChannelPool, prober: LivenessProber, label_ids: bool = False) -> None:
+        """prober: watches the token streams read here (liveness.py). label_ids (with --kv-fault-injection
+        only): internal ids start with the client's label, so that the fault switch, keyed by id,
+        can pick a request (still unique: the uuid follows)."""
         self.channels = channels
+        self.prober = prober
         self.label_ids = label_ids
 
     def _base_id(self, req: Request) -> str:
@@ -112,6 +115,8 @@ class Upstream:
         decode_msg = decode_request(req, upstream_id)
         prefill = prefill_pb2_grpc.PrefillStub(self.channels.get(prefill_address))
         try:
+            # Not probed: a long prompt on a loaded machine can keep the prefill service's event
+            # loop from answering in time, and the monitor finds a hung prefill service soon enough.
             reply = await prefill.Prefill(prefill_msg, timeout=req.timeout())
         except grpc.aio.AioRpcError as e:
             blamed = dict(e.trailing_metadata() or ()).get(FAILED_SERVICE_KEY)
@@ -126,7 +131,7 @@ class Upstream:
             return
         decode = decode_pb2_grpc.DecodeStub(self.channels.get(decode_address))
         call = decode.Decode(decode_msg, timeout=req.timeout())
-        async with contextlib.aclosing(_token_stream(call, decode_address)) as items:
+        async with contextlib.aclosing(self._token_stream(call, decode_address)) as items:
             async for item in items:
                 yield item
 
@@ -140,20 +145,21 @@ class Upstream:
 
     def _local(self, req: Request, upstream_id: str, address: str, generate_local) -> Tokens:
         """One engine runs the whole request (degraded, no-prefill or colocated), or its rest."""
-        return _token_stream(generate_local(local_request(req, upstream_id), timeout=req.timeout()), address)
+        return self._token_stream(generate_local(local_request(req, upstream_id), timeout=req.timeout()), address)
 
-
-async def _token_stream(call: grpc.aio.UnaryStreamCall, address: str) -> Tokens:
-    """The tokens of a TokenDelta stream from `address`; the finish reason comes with the last one."""
-    try:
-        async for delta in call:
-            finish = WIRE_TO_FINISH.get(delta.finish_reason)
-            for i, token in enumerate(delta.token_ids):
-                yield token, finish if i == len(delta.token_ids) - 1 else None
-    except grpc.aio.AioRpcError as e:
-        raise _failure(e, address) from e
-    finally:
-        call.cancel()  # no-op when finished; otherwise the engine frees the sequence now
+    async def _token_stream(self, call: grpc.aio.UnaryStreamCall, address: str) -> Tokens:
+        """The tokens of a TokenDelta stream from `address`; the finish reason comes with the last one."""
+        try:
+            with self.prober.watch(address):
+                async for delta in call:
+                    self.prober.heard_from(address)
+                    finish = WIRE_TO_FINISH.get(delta.finish_reason)
+                    for i, token in enumerate(delta.token_ids):
+                        yield token, finish if i == len(delta.token_ids) - 1 else None
+        except grpc.aio.AioRpcError as e:
+            raise _failure(e, address) from e
+        finally:
+            call.cancel()  # no-op when finished; otherwise the engine frees the sequence now
 
 
 def _failure(e: grpc.aio.AioRpcError, blamed: str | None) -> Exception:
@@ -162,7 +168,5 @@ def _failure(e: grpc.aio.AioRpcError, blamed: str | None) -> Exception:
     if e.code() not in RESUMABLE:
         return UpstreamError(e.code(), e.details() or "")
     details = e.details() or ""
-    if "ping timeout" in details or "keepalive" in details.lower():  # channels.liveness_options found it
-        details = f"{blamed or 'the service'} stopped answering (a liveness ping went unanswered): {details}"
     return PathFailed(blamed, "kv_rejected" if e.code() == grpc.StatusCode.DATA_LOSS else "stream_error",
                       f"{e.code().name}: {details}")

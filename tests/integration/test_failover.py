@@ -100,10 +100,10 @@ def test_sigstop_hung_decode_is_detected_and_sigcont_brings_it_back(tiny_model_d
         run = run_with_fault_sync(
             stack.address("gateway"), PROMPTS, MAX_TOKENS, fault=lambda: stack.kill("decode", signal.SIGSTOP)
         )
-        # A hung process keeps its sockets open: found by the streams' liveness pings or the monitor's verdict.
+        # A hung process keeps its sockets open: found by the gateway's probe or the monitor's verdict.
         check_outcome(run, expected, migrate)
         assert metric(gateway_metrics(stack), "edgellm_failures_detected_total") >= 1
-        if not migrate:  # found by the streams' liveness pings or the monitor's checks, whichever came first
+        if not migrate:  # found by the gateway's probe or the monitor's checks, whichever came first
             assert all(("marked" in r.details and "down" in r.details) or "stopped answering" in r.details
                        for r in run.streams if r.error)
 

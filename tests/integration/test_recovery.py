@@ -4,7 +4,7 @@
   completes with the text of a run with no fault (the decode service prefills them instead);
 - a prefill-heavy load with no fault (long prompts on this loaded 2-core machine, token streams
   in flight): no service is marked down and no stream is declared dead, although both the
-  monitor's health checks and the streams' liveness pings run at their fast defaults;
+  monitor's health checks and the gateway's stream probes run at their fast defaults;
 - a flapping decode service (hung and resumed three times in two seconds) never duplicates a
   token; a gateway killed mid-stream gives its clients a clear error and leaves nothing running.
 """

@@ -383,3 +383,32 @@ def test_the_engine_queue_is_bounded(tiny):
     submit_local(engine, "w2", [1, 2, 3], 2, [])
     with pytest.raises(EngineBusy, match="max_waiting_sequences=3"):
         engine.check_room()
+
+
+def test_takeovers_arriving_together_share_one_prefill_pass(tiny):
+    """Streams moved here by one failure arrive a few milliseconds apart: an idle engine waits
+    for the last of them (takeover_gather_s without a new one), so a single packed prefill
+    samples each one's next token, and the result equals each stream generated alone."""
+    engine = make_engine(tiny, takeover_gather_s=0.3)  # wide, so a loaded test machine is no matter
+    streams = prompts(3, seed=7)
+    expected = [run_engine(solo := make_engine(tiny), lambda p=p, e=solo: collect(e, p, 6)) for p in streams]
+    batches: list[list[str]] = []
+    execute = engine.runner.execute
+
+    def spy(out):
+        if out.prefills:
+            batches.append([s.request_id for s in out.prefills])
+        return execute(out)
+
+    engine.runner.execute = spy
+
+    async def take_over():
+        async def one(i, p):
+            await asyncio.sleep(0.03 * i)  # the gateway's calls, one after another
+            tokens = engine.generate(f"t{i}/2", p + expected[i][:3], GREEDY, 6, num_generated=3)
+            return expected[i][:3] + [t async for t, _ in tokens]
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(streams)))
+
+    assert run_engine(engine, take_over) == expected
+    assert batches == [["t0/2", "t1/2", "t2/2"]]
+    assert_nothing_held(engine)

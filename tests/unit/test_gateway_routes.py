@@ -17,6 +17,7 @@ import pytest
 from edgellm import config as cfg
 from edgellm.v1 import common_pb2, monitor_pb2
 from services.gateway.errors import InvalidRequest, Unavailable
+from services.gateway.liveness import LivenessProber
 from services.gateway.migration import Migrator
 from services.gateway.pipeline import Pipeline
 from services.gateway.pools import Pools
@@ -65,6 +66,7 @@ class FakeUpstream:
         self.answer = [ord(c) for c in answer]
         self.fail_after = fail_after
         self.routes = []
+        self.prober = LivenessProber(None, after_ms=0, timeout_ms=1)  # never probes: no channels here
 
     async def attempt(self, req, route, attempt):
         self.routes.append(route)

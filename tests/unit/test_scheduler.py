@@ -38,12 +38,8 @@ def make_staged(num_prompt: int, max_new=100) -> Sequence:
 
 
 def run(sched: Scheduler, out: SchedulerOutput, token=TOKEN) -> list[TokenOutput]:
-    """What the runner answers (a token for each prefill that samples and each decode), then
-    the loop's postprocess."""
-    if out.prefills:
-        sampled = [token if s.samples_after_prefill else None for s in out.prefills]
-    else:
-        sampled = [token] * len(out.decodes)
+    """What the runner answers (a token for each prefill and each decode), then the loop's postprocess."""
+    sampled = [token] * len(out.prefills or out.decodes)
     return postprocess(sched, out, RunnerOutput(sampled), frozenset({EOS}), max_context=1000)
 
 
@@ -86,6 +82,22 @@ def test_a_decode_step_runs_after_max_consecutive_prefills():
         ("prefill", [d]),
     ]
     assert step(sched).decodes == [a, b, c, d]
+
+
+def test_prefills_while_nothing_runs_do_not_count_towards_the_decode_turn():
+    """A prefill service runs prompt after prompt with nothing decoding (PREFILL_ONLY). When
+    streams move to it after a decode failure, the first takeover's prefill must not be
+    followed at once by a decode step that holds back the takeovers arriving just after it."""
+    sched = make_scheduler(max_batch_tokens=8, max_consecutive_prefills=2)
+    for _ in range(3):
+        sched.add(make_seq(8, Kind.PREFILL_ONLY))
+        assert len(step(sched).prefills) == 1
+    first, second = make_seq(8, name="takeover-1"), make_seq(8, name="takeover-2")
+    sched.add(first)
+    assert step(sched).prefills == [first]
+    sched.add(second)
+    assert step(sched).prefills == [second]  # before `first`'s next decode step
+    assert step(sched).decodes == [first, second]
 
 
 def test_prefilled_sequences_join_the_decode_batch_and_finished_ones_free_their_blocks():
@@ -172,14 +184,14 @@ def test_the_newest_running_sequence_is_preempted_requeued_first_and_recomputed(
 
     out = sched.schedule()
     assert out.prefills == [b, c]
-    assert b.prefill_token_ids == b.token_ids[:-1]  # a recompute: its last token is the next input
     outputs = run(sched, out)
-    assert [o.seq for o in outputs] == [c]  # the recompute samples nothing
-    assert b.status is Status.RUNNING and b.num_cached_tokens == 8 and b.num_generated == 2
+    # the recompute runs prompt + both generated tokens and samples the third, as a prefill does
+    assert [o.seq for o in outputs] == [b, c]
+    assert b.status is Status.RUNNING and b.num_cached_tokens == 9 and b.num_generated == 3
     out = sched.schedule()
     assert out.decodes == [b, c]
     run(sched, out)
-    assert b.num_generated == 3 and b.num_cached_tokens == 9
+    assert b.num_generated == 4 and b.num_cached_tokens == 10
 
 
 def test_cancelled_sequences_free_their_blocks_and_are_reported():
@@ -218,7 +230,7 @@ def test_bookkeeping_imports_no_torch():
 def test_a_takeover_is_prefilled_before_new_prompts_that_arrived_first():
     """A stream that moved here mid-answer (num_generated > 0) has a client waiting: it goes
     ahead of new prompts in the next prefill batch, even when they came first."""
-    sched = make_scheduler(max_batch_tokens=24)
+    sched = make_scheduler(max_batch_tokens=25)
     new_a, new_b = make_seq(10, name="new-a"), make_seq(10, name="new-b")
     takeover = make_seq(12, name="takeover")
     takeover.token_ids += [TOKEN] * 3
@@ -226,5 +238,20 @@ def test_a_takeover_is_prefilled_before_new_prompts_that_arrived_first():
     for s in (new_a, new_b, takeover):
         sched.add(s)
     out = step(sched)
-    assert [s.request_id for s in out.prefills] == ["takeover", "new-a"]  # 14 + 10 tokens fit, new-b waits
+    assert [s.request_id for s in out.prefills] == ["takeover", "new-a"]  # 15 + 10 tokens fit, new-b waits
     assert [s.request_id for s in step(sched).prefills] == ["new-b"]
+
+
+def test_takeovers_with_kept_prefix_kv_count_only_the_tokens_they_compute():
+    """Streams taken over together after a failure share one packed pass: their kept prompt
+    K/V (num_prefix_tokens) is copied in, so only the tokens after it count against the budget."""
+    sched = make_scheduler(max_batch_tokens=20)
+    takeovers = [make_seq(30, name=f"takeover-{i}") for i in range(3)]
+    for seq in takeovers:
+        seq.token_ids += [TOKEN] * 2
+        seq.num_generated = 2
+        seq.num_prefix_tokens = 26  # 6 of its 32 tokens to compute
+        sched.add(seq)
+    out = step(sched)
+    assert out.prefills == takeovers  # 3 x 6 tokens computed fit in 20, though they hold 96
+    assert all(s.num_generated == 3 and s.num_cached_tokens == 32 for s in takeovers)  # sampled in the pass
