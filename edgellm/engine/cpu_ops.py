@@ -1,4 +1,4 @@
-"""The CPU decode step's fused ops (kernels/decode_cpu.c), each one ctypes call in place of
+"""The CPU decode step's fused ops (edgellm/native/decode_cpu.c), each one ctypes call in place of
 several torch ops: residual add + RMSNorm, RoPE + KV-cache store, and attention straight over
 the paged cache (no gather of the context into a new tensor, no mask).
 
@@ -16,14 +16,13 @@ keeps its torch path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
-import pathlib
 
 import torch
 
 from edgellm import native
 
-SOURCE = pathlib.Path(__file__).with_name("kernels") / "decode_cpu.c"
 MAX_HEAD_DIM = 512  # the C file's row buffers
 MAX_GROUP = 8  # query heads per KV head (the C file's buffer)
 LANES = 16  # the C file's sums run in 16 lanes: widths must be multiples of it
@@ -37,8 +36,10 @@ SIGNATURES: native.Signatures = {
 }
 
 
+@functools.cache
 def library() -> ctypes.CDLL | None:
-    return native.library(SOURCE, SIGNATURES, "decode_ops_unavailable")
+    lib = native.library()
+    return None if lib is None else native.bind(lib, SIGNATURES)
 
 
 def usable(device: torch.device, dtype: torch.dtype, hidden_size: int, num_heads: int, num_kv_heads: int,

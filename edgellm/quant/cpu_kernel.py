@@ -1,5 +1,5 @@
-"""Our INT4 CPU kernel (kernels/int4_cpu.c): built once per machine, loaded with ctypes
-(edgellm/native.py).
+"""Our INT4 CPU kernel (edgellm/native/int4_cpu.c, in the library edgellm/native builds once per
+machine), loaded with ctypes.
 
 Why a kernel of our own: torch's CPU int4 kernel takes a bf16 scale and zero per group, 5 bits
 a weight at group 32, which puts the decode weights at 31-34 % of bf16; group 32 is what keeps
@@ -13,11 +13,11 @@ Without a compiler `library()` returns None and Int4Linear uses torch's kernel
 from __future__ import annotations
 
 import ctypes
+import functools
 import pathlib
 
 from edgellm import native
 
-SOURCE = pathlib.Path(__file__).with_name("kernels") / "int4_cpu.c"
 TILE = 32  # output rows per tile (the C file's TILE)
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
@@ -31,16 +31,18 @@ compiler = native.compiler
 
 
 def build(cc: str, target: pathlib.Path, extra_flags: tuple[str, ...] = ()) -> None:
-    """Compile the kernel into `target` (extra_flags: e.g. -mno-avx512f, for the test of the
-    portable path)."""
-    native.build(cc, SOURCE, target, extra_flags)
+    """Compile the library holding the kernel into `target` (extra_flags: e.g. -mno-avx512f, for
+    the test of the portable path)."""
+    native.build(cc, target, extra_flags)
 
 
 def load(path: pathlib.Path) -> ctypes.CDLL:
-    return native.load(path, SIGNATURES)
+    return native.bind(ctypes.CDLL(str(path)), SIGNATURES)
 
 
+@functools.cache
 def library() -> ctypes.CDLL | None:
     """The kernel library, compiled now if this machine has none cached; None where it cannot
-    be had (no compiler, or a failed build), logged once as int4_kernel_unavailable."""
-    return native.library(SOURCE, SIGNATURES, "int4_kernel_unavailable")
+    be had (no compiler, or a failed build), logged once as native_kernels_unavailable."""
+    lib = native.library()
+    return None if lib is None else native.bind(lib, SIGNATURES)

@@ -8,8 +8,11 @@
  * LANES independent lanes so that they vectorise without -ffast-math.
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "pool.h"
 
 #define LANES 16
 
@@ -129,55 +132,68 @@ void edgellm_rope_store(void *qkv, int64_t T, int64_t num_heads, int64_t D, int6
  * q is row b of a [B, q_stride] array (its H heads first: a view into the fused q/k/v output);
  * caches [slots, Hkv, D]; out [B, H, D]. One work item is one sequence's KV head with the query
  * heads that share it, so each K and V row is read once for them all; items are split between
- * threads. D a multiple of LANES, at most 512. Returns 0, or -1 when out of memory. */
+ * threads (pool.h). D a multiple of LANES, at most 512. Returns 0, or -1 when out of memory. */
+typedef struct { /* one attention call's arguments, for its work items */
+    const void *q, *k_cache, *v_cache;
+    const int64_t *tables, *lens;
+    int64_t q_stride, max_blocks, block_size, H, Hkv, D, is_bf16;
+    float scale;
+    void *out;
+    _Atomic int failed;
+} attention_args;
+
+/* Work item (sequence b, KV head kv): the query heads sharing that KV head. */
+static void attention_item(void *arg, int64_t item) {
+    attention_args *a = arg;
+    const int64_t Hkv = a->Hkv, D = a->D, is_bf16 = a->is_bf16, group = a->H / Hkv;
+    const int64_t b = item / Hkv, kv = item % Hkv, L = a->lens[b];
+    const int64_t *table = a->tables + b * a->max_blocks;
+    float *p = malloc((size_t)(group * L) * sizeof(float)); /* [group, L] scores, then weights */
+    float *acc = calloc((size_t)(group * D), sizeof(float));
+    if (!p || !acc) {
+        atomic_store(&a->failed, 1);
+        free(p);
+        free(acc);
+        return;
+    }
+    float qf[8 * 512], row[512]; /* group <= 8 (cpu_ops.py checks) */
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t d = 0; d < D; d++)
+            qf[g * D + d] = load(a->q, b * a->q_stride + (kv * group + g) * D + d, is_bf16) * a->scale;
+    for (int64_t j = 0; j < L; j++) {
+        const int64_t slot = table[j / a->block_size] * a->block_size + j % a->block_size;
+        load_row(a->k_cache, slot * Hkv + kv, D, is_bf16, row);
+        for (int64_t g = 0; g < group; g++) p[g * L + j] = dot(qf + g * D, row, D);
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *pg = p + g * L, max = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < L; j++) max = pg[j] > max ? pg[j] : max;
+        for (int64_t j = 0; j < L; j++) {
+            pg[j] = expf(pg[j] - max);
+            sum += pg[j];
+        }
+        for (int64_t j = 0; j < L; j++) pg[j] /= sum;
+    }
+    for (int64_t j = 0; j < L; j++) {
+        const int64_t slot = table[j / a->block_size] * a->block_size + j % a->block_size;
+        load_row(a->v_cache, slot * Hkv + kv, D, is_bf16, row);
+        for (int64_t g = 0; g < group; g++) {
+            const float w = p[g * L + j];
+            for (int64_t d = 0; d < D; d++) acc[g * D + d] += w * row[d];
+        }
+    }
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t d = 0; d < D; d++) store(a->out, (b * a->H + kv * group + g) * D + d, acc[g * D + d], is_bf16);
+    free(p);
+    free(acc);
+}
+
 int edgellm_paged_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                             const int64_t *tables, int64_t max_blocks, const int64_t *lens, int64_t block_size,
                             int64_t B, int64_t H, int64_t Hkv, int64_t D, double scale, void *out, int64_t is_bf16,
                             int64_t num_threads) {
-    const int64_t group = H / Hkv;
-    int failed = 0;
-#pragma omp parallel for schedule(dynamic) num_threads(num_threads) if (num_threads > 1 && B * Hkv > 1)
-    for (int64_t item = 0; item < B * Hkv; item++) {
-        const int64_t b = item / Hkv, kv = item % Hkv, L = lens[b];
-        float *p = malloc((size_t)(group * L) * sizeof(float)); /* [group, L] scores, then weights */
-        float *acc = calloc((size_t)(group * D), sizeof(float));
-        if (!p || !acc) {
-            failed = 1;
-            free(p);
-            free(acc);
-            continue;
-        }
-        float qf[8 * 512], row[512]; /* group <= 8 (cpu_ops.py checks) */
-        for (int64_t g = 0; g < group; g++) {
-            const int64_t h = kv * group + g;
-            for (int64_t d = 0; d < D; d++) qf[g * D + d] = load(q, b * q_stride + h * D + d, is_bf16) * (float)scale;
-        }
-        for (int64_t j = 0; j < L; j++) {
-            const int64_t slot = tables[b * max_blocks + j / block_size] * block_size + j % block_size;
-            load_row(k_cache, slot * Hkv + kv, D, is_bf16, row);
-            for (int64_t g = 0; g < group; g++) p[g * L + j] = dot(qf + g * D, row, D);
-        }
-        for (int64_t g = 0; g < group; g++) {
-            float *pg = p + g * L, max = -INFINITY, sum = 0.0f;
-            for (int64_t j = 0; j < L; j++) max = pg[j] > max ? pg[j] : max;
-            for (int64_t j = 0; j < L; j++) {
-                pg[j] = expf(pg[j] - max);
-                sum += pg[j];
-            }
-            for (int64_t j = 0; j < L; j++) pg[j] /= sum;
-        }
-        for (int64_t j = 0; j < L; j++) {
-            const int64_t slot = tables[b * max_blocks + j / block_size] * block_size + j % block_size;
-            load_row(v_cache, slot * Hkv + kv, D, is_bf16, row);
-            for (int64_t g = 0; g < group; g++) {
-                const float w = p[g * L + j];
-                for (int64_t d = 0; d < D; d++) acc[g * D + d] += w * row[d];
-            }
-        }
-        for (int64_t g = 0; g < group; g++)
-            for (int64_t d = 0; d < D; d++) store(out, (b * H + kv * group + g) * D + d, acc[g * D + d], is_bf16);
-        free(p);
-        free(acc);
-    }
-    return failed ? -1 : 0;
+    attention_args args = {q, k_cache, v_cache, tables, lens, q_stride, max_blocks, block_size, H, Hkv, D, is_bf16,
+                           (float)scale, out, 0};
+    pool_run(attention_item, &args, B * Hkv, num_threads);
+    return atomic_load(&args.failed) ? -1 : 0;
 }
