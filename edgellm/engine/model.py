@@ -251,7 +251,7 @@ class LlamaModel(nn.Module):
 
         if self._takes_fused_decode(batch, cache, dtype):
             h = self.embed_tokens(batch.token_ids) if hidden is None else hidden.clone()  # [T, hidden], updated in place
-            return self._fused_decode(h.contiguous(), cos[:, 0].contiguous(), sin[:, 0].contiguous(), batch, cache,
+            return self._fused_decode(h.to(dtype).contiguous(), cos[:, 0].contiguous(), sin[:, 0].contiguous(), batch, cache,
                                       on_layer_kv, head)
         context = None
         if not batch.is_prefill and cache is not None:
