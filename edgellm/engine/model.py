@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgellm.engine import cpu_ops
 from edgellm.engine.kv_cache import ContextView, ForwardBatch, PagedKVCache
 
 # Called after layer i with that layer's K and V for the batch's new tokens: [T, kv_heads, head_dim].
@@ -212,6 +213,9 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
+        # Decode steps on the CPU take cpu_ops' fused ops where they apply (False: always the
+        # plain torch path, the reference the tests compare them with).
+        self.fused_cpu_decode = True
         # A later pipeline stage (parallel/stages.py) keeps only its layers: without embed_tokens
         # its forward pass starts from the previous stage's hidden states, without lm_head it
         # returns its own. `norm` stays on every stage: its dtype is the activation dtype.
@@ -245,6 +249,10 @@ class LlamaModel(nn.Module):
         dtype = self.norm.weight.dtype  # the activation dtype (the embedding may be INT4)
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
+        if self._takes_fused_decode(batch, cache, dtype):
+            h = self.embed_tokens(batch.token_ids) if hidden is None else hidden.clone()  # [T, hidden], updated in place
+            return self._fused_decode(h.to(dtype).contiguous(), cos[:, 0].contiguous(), sin[:, 0].contiguous(), batch, cache,
+                                      on_layer_kv, head)
         context = None
         if not batch.is_prefill and cache is not None:
             context = cache.context_view(batch.block_tables, batch.context_lens, batch.max_context_len, dtype)
@@ -258,6 +266,36 @@ class LlamaModel(nn.Module):
         if not head or self.lm_head is None:
             return h
         return self.logits(h, batch, all_logits)
+
+    def _takes_fused_decode(self, batch: ForwardBatch, cache: PagedKVCache | None, dtype: torch.dtype) -> bool:
+        a = self.arch
+        return (self.fused_cpu_decode and not batch.is_prefill and cache is not None and batch.store_rows is None
+                and len(self.layers) > 0 and all(layer.self_attn.qkv_proj is not None for layer in self.layers)
+                and cache.k[0].dtype == dtype
+                and cpu_ops.usable(cache.device, dtype, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim))
+
+    def _fused_decode(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                      cache: PagedKVCache, on_layer_kv: LayerKVHook | None, head: bool) -> torch.Tensor:
+        """forward's layer loop for a CPU decode step, on cpu_ops' fused ops: the same arithmetic
+        (h [B, hidden] the residual stream, updated in place; cos, sin [B, D])."""
+        a, eps = self.arch, self.arch.rms_norm_eps
+        num_tokens, h_q, h_kv = h.shape[0], a.num_heads, a.num_kv_heads
+        x = cpu_ops.add_rms_norm(None, h, self.layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            qkv = attn.qkv_proj(x).view(num_tokens, h_q + 2 * h_kv, a.head_dim).contiguous()
+            cpu_ops.rope_store(qkv, cos, sin, h_q, h_kv, batch.slot_mapping, cache.k[i], cache.v[i])
+            if on_layer_kv is not None:
+                on_layer_kv(i, qkv[:, h_q : h_q + h_kv], qkv[:, h_q + h_kv :])
+            out = cpu_ops.paged_attention(qkv, h_q, cache.k[i], cache.v[i], batch.block_tables, batch.context_lens,
+                                          cache.block_size)  # [B, H, D]
+            x = cpu_ops.add_rms_norm(attn.o_proj(out.view(num_tokens, -1)), h, layer.post_attention_layernorm.weight, eps)
+            # the next layer's input norm (after the last layer: the final norm) with the residual add
+            norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x = cpu_ops.add_rms_norm(layer.mlp(x), h, norm.weight, eps)
+        if not head or self.lm_head is None:
+            return h
+        return self.lm_head(x).float()
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:

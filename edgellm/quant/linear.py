@@ -1,7 +1,7 @@
 """Int4Linear: y = x @ W.T with W an INT4 QuantizedWeight, on one of two CPU kernels or, on a
 GPU, torch's CUDA int4 kernel.
 
-- "c" (default where a C compiler exists): our kernel (kernels/int4_cpu.c via
+- "c" (default where a C compiler exists): our kernel (edgellm/native/int4_cpu.c via
   quant/cpu_kernel.py). It reads the 8-bit parameter codes as they are: 4.5 bits a weight at
   group 32, plus a byte per row for the two exponents. Decode-sized inputs (a few rows) run
   the kernel; long inputs (a prompt on a degraded path, perplexity windows) dequantize slices
@@ -44,7 +44,7 @@ def resolve_kernel(kernel: str = "auto", device: torch.device | str = "cpu") -> 
     if kernel == "auto":
         return "c" if cpu_kernel.library() is not None else "torch"
     if kernel == "c" and cpu_kernel.library() is None:
-        raise RuntimeError("--int4-kernel c: the C INT4 kernel could not be built here (see the int4_kernel_unavailable log)")
+        raise RuntimeError("--int4-kernel c: the C INT4 kernel could not be built here (see the native_kernels_unavailable log)")
     if kernel not in ("c", "torch"):
         raise ValueError(f"unknown INT4 kernel {kernel!r} (auto, c or torch)")
     return kernel

@@ -3,6 +3,7 @@
 parameters sit exactly on their 8-bit grid, and round-to-nearest error is bounded."""
 
 import platform
+import threading
 
 import pytest
 import torch
@@ -176,3 +177,28 @@ def test_our_kernel_gives_the_same_result_on_any_number_of_threads():
         torch.set_num_threads(before)
     for one, three in zip(*outputs):
         assert torch.equal(one, three)  # tiles are split between threads, never a sum
+
+
+@needs_c_kernel
+def test_our_kernel_is_right_when_two_threads_call_it_at_once():
+    """Two engines in one process share the C library's thread pool: while one runs a job the
+    other runs its own alone, and both get their exact answers."""
+    q = quantized_with_outliers(640, 128, 32, [4])
+    layer = Int4Linear(q, "c")
+    inputs = [torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)) for rows in (1, 7, 32)]
+    expected = [layer(x) for x in inputs]
+    failures = []
+
+    def hammer() -> None:
+        torch.set_num_threads(2)
+        for _ in range(200):
+            for x, want in zip(inputs, expected):
+                if not torch.equal(layer(x), want):
+                    failures.append(x.shape)
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures

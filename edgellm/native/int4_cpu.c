@@ -3,7 +3,8 @@
  * An AVX-512 path (intrinsics, below) and a plain-C path for everything else, written for the
  * compiler's auto-vectoriser (-O3 -march=native): AVX2 machines and NEON (the Jetsons).
  *
- * Threads: the caller passes its torch thread count; tiles are split between OpenMP threads.
+ * Threads: the caller passes its torch thread count; tiles are split between threads
+ * (pool.h).
  *
  * Layout (made at load time by edgellm/quant/linear.py from the portable checkpoint):
  *   codes   uint8 [N/32, K, 16]  byte (t, k, j) = q(32t + j, k) | q(32t + 16 + j, k) << 4
@@ -16,6 +17,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "pool.h"
 
 #define TILE 32
 #define HALF 16
@@ -127,13 +130,86 @@ static void add_outliers(const float *x, int64_t M, int64_t K, int64_t N, const 
     }
 }
 
+typedef struct { /* one matmul's arguments, for its tiles' work items */
+    const float *x, *xsum;
+    int64_t M, K, G, group;
+    const uint8_t *codes, *scodes;
+    const int8_t *zcodes, *sexp, *zexp;
+    float *y;
+    int64_t ldy;
+} matmul_args;
+
+/* Output tile t (rows 32t..32t+31 of W) for every row of x. */
+static void matmul_tile(void *arg, int64_t t) {
+    const matmul_args *a = arg;
+    const float *x = a->x, *xsum = a->xsum;
+    const int64_t M = a->M, K = a->K, G = a->G, group = a->group, ldy = a->ldy;
+    const uint8_t *codes = a->codes, *scodes = a->scodes;
+    const int8_t *zcodes = a->zcodes, *sexp = a->sexp, *zexp = a->zexp;
+    float *y = a->y;
+    const uint8_t *tc = codes + t * K * HALF;
+    float su[TILE], zu[TILE];
+    for (int l = 0; l < TILE; l++) {
+        su[l] = pow2f(sexp[t * TILE + l]);
+        zu[l] = pow2f(zexp[t * TILE + l]);
+    }
+#if defined(__AVX512F__)
+    const uint8_t *tsc = scodes + t * G * TILE;
+    const int8_t *tzc = zcodes + t * G * TILE;
+    int64_t m0 = 0;
+    for (; m0 + 8 <= M; m0 += 8)
+        tile_avx512(8, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
+    if (M - m0 >= 4) {
+        tile_avx512(4, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
+        m0 += 4;
+    }
+    if (M - m0 >= 2) {
+        tile_avx512(2, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
+        m0 += 2;
+    }
+    if (M - m0 >= 1)
+        tile_avx512(1, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
+#else
+    float w[128 * TILE]; /* one group's weights as floats, group <= 128 */
+    for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+        const int64_t mc = M - m0 < MCHUNK ? M - m0 : MCHUNK;
+        float acc[MCHUNK][TILE];
+        memset(acc, 0, sizeof(acc));
+        for (int64_t g = 0; g < G; g++) {
+            float s[TILE], zp[TILE];
+            group_params(scodes + (t * G + g) * TILE, zcodes + (t * G + g) * TILE, su, zu, s, zp);
+            const uint8_t *gc = tc + g * group * HALF;
+            for (int64_t k = 0; k < group; k++) {
+                const uint8_t *b = gc + k * HALF;
+                for (int j = 0; j < HALF; j++) {
+                    w[k * TILE + j] = (float)(b[j] & 15);
+                    w[k * TILE + j + HALF] = (float)(b[j] >> 4);
+                }
+            }
+            for (int64_t m = 0; m < mc; m++) {
+                const float *xg = x + (m0 + m) * K + g * group;
+                float dot[TILE];
+                memset(dot, 0, sizeof(dot));
+                for (int64_t k = 0; k < group; k++) {
+                    const float xv = xg[k];
+                    for (int l = 0; l < TILE; l++) dot[l] += w[k * TILE + l] * xv;
+                }
+                const float xs = xsum[(m0 + m) * G + g];
+                for (int l = 0; l < TILE; l++) acc[m][l] += s[l] * dot[l] + zp[l] * xs;
+            }
+        }
+        for (int64_t m = 0; m < mc; m++) memcpy(y + (m0 + m) * ldy + t * TILE, acc[m], sizeof(acc[m]));
+    }
+#endif
+}
+
 /* x [M, K] fp32, y [M, N] fp32 (row stride ldy); num_channels outlier channels (0: none).
  * Returns 0, or -1 when out of memory (y untouched). */
 static int matmul_f32(const float *x, int64_t M, int64_t K, int64_t N, int64_t group, const uint8_t *codes,
                        const uint8_t *scodes, const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp,
                        const int64_t *channels, int64_t num_channels, const uint16_t *residual,
                        float *y, int64_t ldy, int64_t num_threads) {
-    const int64_t G = K / group, T = N / TILE;
+    const int64_t G = K / group;
     float xsum_small[8 * 64];
     float *xsum = M * G <= 8 * 64 ? xsum_small : malloc((size_t)(M * G) * sizeof(float)); /* [M, G]: each group's sum of x */
     if (!xsum) return -1;
@@ -142,64 +218,8 @@ static int matmul_f32(const float *x, int64_t M, int64_t K, int64_t N, int64_t g
         for (int64_t k = 0; k < group; k++) s += x[i * group + k];
         xsum[i] = s;
     }
-    /* tiles are independent: split them between threads (built without OpenMP, this is one) */
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
-    for (int64_t t = 0; t < T; t++) {
-        const uint8_t *tc = codes + t * K * HALF;
-        float su[TILE], zu[TILE];
-        for (int l = 0; l < TILE; l++) {
-            su[l] = pow2f(sexp[t * TILE + l]);
-            zu[l] = pow2f(zexp[t * TILE + l]);
-        }
-#if defined(__AVX512F__)
-        const uint8_t *tsc = scodes + t * G * TILE;
-        const int8_t *tzc = zcodes + t * G * TILE;
-        int64_t m0 = 0;
-        for (; m0 + 8 <= M; m0 += 8)
-            tile_avx512(8, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
-        if (M - m0 >= 4) {
-            tile_avx512(4, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
-            m0 += 4;
-        }
-        if (M - m0 >= 2) {
-            tile_avx512(2, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
-            m0 += 2;
-        }
-        if (M - m0 >= 1)
-            tile_avx512(1, x + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
-#else
-        float w[128 * TILE]; /* one group's weights as floats, group <= 128 */
-        for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
-            const int64_t mc = M - m0 < MCHUNK ? M - m0 : MCHUNK;
-            float acc[MCHUNK][TILE];
-            memset(acc, 0, sizeof(acc));
-            for (int64_t g = 0; g < G; g++) {
-                float s[TILE], zp[TILE];
-                group_params(scodes + (t * G + g) * TILE, zcodes + (t * G + g) * TILE, su, zu, s, zp);
-                const uint8_t *gc = tc + g * group * HALF;
-                for (int64_t k = 0; k < group; k++) {
-                    const uint8_t *b = gc + k * HALF;
-                    for (int j = 0; j < HALF; j++) {
-                        w[k * TILE + j] = (float)(b[j] & 15);
-                        w[k * TILE + j + HALF] = (float)(b[j] >> 4);
-                    }
-                }
-                for (int64_t m = 0; m < mc; m++) {
-                    const float *xg = x + (m0 + m) * K + g * group;
-                    float dot[TILE];
-                    memset(dot, 0, sizeof(dot));
-                    for (int64_t k = 0; k < group; k++) {
-                        const float xv = xg[k];
-                        for (int l = 0; l < TILE; l++) dot[l] += w[k * TILE + l] * xv;
-                    }
-                    const float xs = xsum[(m0 + m) * G + g];
-                    for (int l = 0; l < TILE; l++) acc[m][l] += s[l] * dot[l] + zp[l] * xs;
-                }
-            }
-            for (int64_t m = 0; m < mc; m++) memcpy(y + (m0 + m) * ldy + t * TILE, acc[m], sizeof(acc[m]));
-        }
-#endif
-    }
+    matmul_args args = {x, xsum, M, K, G, group, codes, scodes, zcodes, sexp, zexp, y, ldy};
+    pool_run(matmul_tile, &args, N / TILE, num_threads); /* tiles are independent */
     if (xsum != xsum_small) free(xsum);
     if (num_channels > 0) add_outliers(x, M, K, N, channels, num_channels, residual, y, ldy);
     return 0;
@@ -235,29 +255,38 @@ int edgellm_int4_matmul(const void *x, int64_t M, int64_t K, int64_t N, int64_t 
     return status;
 }
 
+typedef struct { /* one dequantization's arguments, for its tiles' work items */
+    int64_t K, G, group;
+    const uint8_t *codes, *scodes;
+    const int8_t *zcodes, *sexp, *zexp;
+    float *out;
+} dequantize_args;
+
+static void dequantize_tile(void *arg, int64_t t) {
+    const dequantize_args *a = arg;
+    const int64_t K = a->K, G = a->G, group = a->group;
+    float su[TILE], zu[TILE];
+    for (int l = 0; l < TILE; l++) {
+        su[l] = pow2f(a->sexp[t * TILE + l]);
+        zu[l] = pow2f(a->zexp[t * TILE + l]);
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float s[TILE], zp[TILE];
+        group_params(a->scodes + (t * G + g) * TILE, a->zcodes + (t * G + g) * TILE, su, zu, s, zp);
+        for (int64_t k = g * group; k < (g + 1) * group; k++) {
+            const uint8_t *b = a->codes + (t * K + k) * HALF;
+            for (int j = 0; j < HALF; j++) {
+                a->out[(t * TILE + j) * K + k] = (float)(b[j] & 15) * s[j] + zp[j];
+                a->out[(t * TILE + j + HALF) * K + k] = (float)(b[j] >> 4) * s[j + HALF] + zp[j + HALF];
+            }
+        }
+    }
+}
+
 /* The whole weight as fp32 [N, K]: for long inputs (a prompt), where a dense matmul wins. */
 void edgellm_int4_dequantize(int64_t K, int64_t N, int64_t group, const uint8_t *codes, const uint8_t *scodes,
                              const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp, float *out,
                              int64_t num_threads) {
-    const int64_t G = K / group, T = N / TILE;
-    /* tiles are independent: split them between threads (built without OpenMP, this is one) */
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
-    for (int64_t t = 0; t < T; t++) {
-        float su[TILE], zu[TILE];
-        for (int l = 0; l < TILE; l++) {
-            su[l] = pow2f(sexp[t * TILE + l]);
-            zu[l] = pow2f(zexp[t * TILE + l]);
-        }
-        for (int64_t g = 0; g < G; g++) {
-            float s[TILE], zp[TILE];
-            group_params(scodes + (t * G + g) * TILE, zcodes + (t * G + g) * TILE, su, zu, s, zp);
-            for (int64_t k = g * group; k < (g + 1) * group; k++) {
-                const uint8_t *b = codes + (t * K + k) * HALF;
-                for (int j = 0; j < HALF; j++) {
-                    out[(t * TILE + j) * K + k] = (float)(b[j] & 15) * s[j] + zp[j];
-                    out[(t * TILE + j + HALF) * K + k] = (float)(b[j] >> 4) * s[j + HALF] + zp[j + HALF];
-                }
-            }
-        }
-    }
+    dequantize_args args = {K, K / group, group, codes, scodes, zcodes, sexp, zexp, out};
+    pool_run(dequantize_tile, &args, N / TILE, num_threads); /* tiles are independent */
 }

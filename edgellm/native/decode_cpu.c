@@ -1,0 +1,199 @@
+/* The small per-layer work of a CPU decode step, fused: each function replaces several torch
+ * ops (each of which costs a dispatch, an allocation and a pass over memory) by one call.
+ * Called through edgellm/engine/cpu_ops.py, which holds the torch references they must match.
+ *
+ * Activations and the KV cache are fp32 or bf16 (is_bf16), the model's activation dtype;
+ * everything inside is fp32, and a bf16 result is rounded to nearest even once, where torch
+ * rounds it too. Plain C written for the auto-vectoriser (-O3 -march=native): sums run in
+ * LANES independent lanes so that they vectorise without -ffast-math.
+ */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "pool.h"
+
+#define LANES 16
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline float load(const void *p, int64_t i, int64_t is_bf16) {
+    return is_bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store(void *p, int64_t i, float f, int64_t is_bf16) {
+    if (is_bf16) ((uint16_t *)p)[i] = f32_to_bf16(f);
+    else ((float *)p)[i] = f;
+}
+
+/* n floats of row `row` of a [*, n] fp32 or bf16 array, as fp32 */
+static inline void load_row(const void *base, int64_t row, int64_t n, int64_t is_bf16, float *dst) {
+    if (is_bf16) {
+        const uint16_t *src = (const uint16_t *)base + row * n;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+    } else {
+        const float *src = (const float *)base + row * n;
+        for (int64_t i = 0; i < n; i++) dst[i] = src[i];
+    }
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) { /* n a multiple of LANES */
+    float acc[LANES] = {0};
+    for (int64_t i = 0; i < n; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += a[i + l] * b[i + l];
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    return s;
+}
+
+/* residual [M, N] += x (when x is given, rounded to the dtype like torch's add); then
+ * out = weight * rms_norm(residual), the norm in fp32 and rounded to the dtype before the
+ * product (as model.RMSNorm). N a multiple of LANES. */
+void edgellm_add_rms_norm(const void *x, void *residual, const void *weight, void *out, int64_t M, int64_t N,
+                          double eps, int64_t is_bf16) {
+    for (int64_t m = 0; m < M; m++) {
+        float acc[LANES] = {0};
+        for (int64_t n = 0; n < N; n += LANES)
+            for (int l = 0; l < LANES; l++) {
+                const int64_t i = m * N + n + l;
+                float h = load(residual, i, is_bf16);
+                if (x) {
+                    h += load(x, i, is_bf16);
+                    store(residual, i, h, is_bf16);
+                    h = load(residual, i, is_bf16);
+                }
+                acc[l] += h * h;
+            }
+        float sum = 0.0f;
+        for (int l = 0; l < LANES; l++) sum += acc[l];
+        const float inv = 1.0f / sqrtf(sum / (float)N + (float)eps);
+        for (int64_t n = 0; n < N; n++) {
+            const int64_t i = m * N + n;
+            const float normed = load(residual, i, is_bf16) * inv;
+            const float rounded = is_bf16 ? bf16_to_f32(f32_to_bf16(normed)) : normed;
+            store(out, i, load(weight, n, is_bf16) * rounded, is_bf16);
+        }
+    }
+}
+
+/* RoPE (rotate-half, as HF Llama) in place on the first num_rotated heads of each token's row of
+ * qkv [T, num_heads, D] (the q and k heads of a fused projection), then that row's K and V heads
+ * (k_head and v_head on, num_kv_heads each) stored into the caches [slots, num_kv_heads, D] at
+ * slots[t]. cos, sin [T, D] in the activation dtype; each product and the sum are rounded to
+ * the dtype as torch's x * cos + rotated * sin rounds them. */
+void edgellm_rope_store(void *qkv, int64_t T, int64_t num_heads, int64_t D, int64_t num_rotated, const void *cos,
+                        const void *sin, int64_t k_head, int64_t v_head, int64_t num_kv_heads, const int64_t *slots,
+                        void *k_cache, void *v_cache, int64_t is_bf16) {
+    const int64_t half = D / 2, size = is_bf16 ? 2 : 4;
+    float c[512], s[512], x[512]; /* D <= 512 (cpu_ops.py checks) */
+    for (int64_t t = 0; t < T; t++) {
+        load_row(cos, t, D, is_bf16, c);
+        load_row(sin, t, D, is_bf16, s);
+        for (int64_t h = 0; h < num_rotated; h++) {
+            const int64_t row = t * num_heads + h;
+            load_row(qkv, row, D, is_bf16, x);
+            for (int64_t d = 0; d < D; d++) {
+                const float rotated = d < half ? -x[d + half] : x[d - half];
+                float a = x[d] * c[d], b = rotated * s[d];
+                if (is_bf16) {
+                    a = bf16_to_f32(f32_to_bf16(a));
+                    b = bf16_to_f32(f32_to_bf16(b));
+                }
+                store(qkv, row * D + d, a + b, is_bf16);
+            }
+        }
+        if (!slots) continue;
+        const char *k = (const char *)qkv + (t * num_heads + k_head) * D * size;
+        const char *v = (const char *)qkv + (t * num_heads + v_head) * D * size;
+        char *kc = (char *)k_cache + slots[t] * num_kv_heads * D * size;
+        char *vc = (char *)v_cache + slots[t] * num_kv_heads * D * size;
+        for (int64_t i = 0; i < num_kv_heads * D * size; i++) {
+            kc[i] = k[i];
+            vc[i] = v[i];
+        }
+    }
+}
+
+/* Decode attention over the paged cache: for sequence b and query head h,
+ *   out[b, h] = softmax(scale * q[b, h] . K[j]) @ V[j] over its context positions j < lens[b],
+ * K[j] = k_cache[slot, h / (H / Hkv)] with slot = tables[b, j / block_size] * block_size + j % block_size.
+ * q is row b of a [B, q_stride] array (its H heads first: a view into the fused q/k/v output);
+ * caches [slots, Hkv, D]; out [B, H, D]. One work item is one sequence's KV head with the query
+ * heads that share it, so each K and V row is read once for them all; items are split between
+ * threads (pool.h). D a multiple of LANES, at most 512. Returns 0, or -1 when out of memory. */
+typedef struct { /* one attention call's arguments, for its work items */
+    const void *q, *k_cache, *v_cache;
+    const int64_t *tables, *lens;
+    int64_t q_stride, max_blocks, block_size, H, Hkv, D, is_bf16;
+    float scale;
+    void *out;
+    _Atomic int failed;
+} attention_args;
+
+/* Work item (sequence b, KV head kv): the query heads sharing that KV head. */
+static void attention_item(void *arg, int64_t item) {
+    attention_args *a = arg;
+    const int64_t Hkv = a->Hkv, D = a->D, is_bf16 = a->is_bf16, group = a->H / Hkv;
+    const int64_t b = item / Hkv, kv = item % Hkv, L = a->lens[b];
+    const int64_t *table = a->tables + b * a->max_blocks;
+    float *p = malloc((size_t)(group * L) * sizeof(float)); /* [group, L] scores, then weights */
+    float *acc = calloc((size_t)(group * D), sizeof(float));
+    if (!p || !acc) {
+        atomic_store(&a->failed, 1);
+        free(p);
+        free(acc);
+        return;
+    }
+    float qf[8 * 512], row[512]; /* group <= 8 (cpu_ops.py checks) */
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t d = 0; d < D; d++)
+            qf[g * D + d] = load(a->q, b * a->q_stride + (kv * group + g) * D + d, is_bf16) * a->scale;
+    for (int64_t j = 0; j < L; j++) {
+        const int64_t slot = table[j / a->block_size] * a->block_size + j % a->block_size;
+        load_row(a->k_cache, slot * Hkv + kv, D, is_bf16, row);
+        for (int64_t g = 0; g < group; g++) p[g * L + j] = dot(qf + g * D, row, D);
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *pg = p + g * L, max = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < L; j++) max = pg[j] > max ? pg[j] : max;
+        for (int64_t j = 0; j < L; j++) {
+            pg[j] = expf(pg[j] - max);
+            sum += pg[j];
+        }
+        for (int64_t j = 0; j < L; j++) pg[j] /= sum;
+    }
+    for (int64_t j = 0; j < L; j++) {
+        const int64_t slot = table[j / a->block_size] * a->block_size + j % a->block_size;
+        load_row(a->v_cache, slot * Hkv + kv, D, is_bf16, row);
+        for (int64_t g = 0; g < group; g++) {
+            const float w = p[g * L + j];
+            for (int64_t d = 0; d < D; d++) acc[g * D + d] += w * row[d];
+        }
+    }
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t d = 0; d < D; d++) store(a->out, (b * a->H + kv * group + g) * D + d, acc[g * D + d], is_bf16);
+    free(p);
+    free(acc);
+}
+
+int edgellm_paged_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                            const int64_t *tables, int64_t max_blocks, const int64_t *lens, int64_t block_size,
+                            int64_t B, int64_t H, int64_t Hkv, int64_t D, double scale, void *out, int64_t is_bf16,
+                            int64_t num_threads) {
+    attention_args args = {q, k_cache, v_cache, tables, lens, q_stride, max_blocks, block_size, H, Hkv, D, is_bf16,
+                           (float)scale, out, 0};
+    pool_run(attention_item, &args, B * Hkv, num_threads);
+    return atomic_load(&args.failed) ? -1 : 0;
+}
