@@ -5,11 +5,11 @@ just go quiet. The monitor finds it after two missed health checks (0.5-0.8 s), 
 HTTP/2 keepalive cannot do better: a client transport sends at most one ping a second, and a
 ping already goes out in the ordinary pause between two decode steps, so the ping that would
 find the failure may wait most of a second. So the gateway probes a service itself while it
-has calls in flight there:
+has token streams in flight there:
 
-  every call to an engine service runs inside watch(address): it counts the calls in flight
-  there and reports each message it reads (heard_from), and while any is in flight one probe
-  task per address runs:
+  every token stream from an engine service (Decode, GenerateLocal) runs inside
+  watch(address): it counts the streams in flight there and reports each message it reads
+  (heard_from), and while any is in flight one probe task per address runs:
     nothing heard for --stream-ping-after-ms -> a health Check on the same connection, with a
     --stream-ping-timeout-ms deadline -> answered (whatever the status: the process lives and
     the monitor judges its health) means heard; unanswered or refused sets the address's
@@ -17,7 +17,10 @@ has calls in flight there:
     address gets a fresh signal for the calls that follow.
 
 The engine's event loop answers the probe, not its engine thread, so a slow but live service
-(a long prefill, a loaded 2-core machine) still answers and is left alone.
+(a loaded 2-core machine) still answers. Not probed: the unary Prefill call, whose service may
+spend seconds of a loaded machine on a long prompt (a starved event loop can miss a 200 ms
+deadline there), and a probe's verdict moves a stream only where it has somewhere else to go
+(migration.py): a false alarm never strands one.
 """
 
 from __future__ import annotations
