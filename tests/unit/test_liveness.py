@@ -31,18 +31,19 @@ async def proxied_server():
 
 async def test_a_live_service_is_probed_and_left_alone_and_a_cut_link_is_found_fast(proxied_server):
     channels = ChannelPool()
-    prober = LivenessProber(channels, after_ms=50, timeout_ms=200)
+    # a deadline wider than the default: server and prober share this test's event loop
+    prober = LivenessProber(channels, after_ms=50, timeout_ms=400)
     address = proxied_server.address
     signal = prober.dead_signal(address)
     try:
         with prober.watch(address):  # a call in flight that reads nothing: only the probes talk
             await asyncio.sleep(1.0)
-            assert not signal.is_set()  # about 4 probes a second, each answered
+            assert not signal.is_set()  # a probe after every 50 ms of quiet, each answered
             cut_at = time.monotonic()
             proxied_server.cut()
             await asyncio.wait_for(signal.wait(), timeout=5)
             found_s = time.monotonic() - cut_at
-        assert found_s < 1.0, found_s  # 50 ms quiet + 200 ms deadline, with slack for a loaded machine
+        assert found_s < 1.5, found_s  # 50 ms quiet + 400 ms deadline, with slack for a loaded machine
         assert prober.dead_signal(address) is not signal  # later calls get a fresh signal
     finally:
         await channels.close()
