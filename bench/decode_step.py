@@ -42,7 +42,8 @@ def build_model(weights: str) -> Any:
 
 def step_times_ms(model: Any, batch: int, prompt_tokens: int, num_steps: int) -> list[float]:
     """Wall time of each of num_steps engine decode steps with `batch` running sequences."""
-    from edgellm.engine.loop import EngineLimits, EngineLoop
+    from edgellm.engine.info import EngineLimits
+    from edgellm.engine.loop import EngineLoop
     from edgellm.engine.sampling import SamplingParams
     from edgellm.engine.sequence import Kind
 

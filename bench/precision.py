@@ -75,7 +75,8 @@ from bench.stacks import started_stack
 from bench.workload import BenchRequest
 from edgellm import config as cfg
 from edgellm.client import AsyncClient
-from edgellm.engine.loop import EngineLimits, EngineLoop
+from edgellm.engine.info import EngineLimits
+from edgellm.engine.loop import EngineLoop
 from edgellm.engine.model import LayerKVHook, LlamaModel
 from edgellm.engine.sampling import SamplingParams
 from edgellm.engine.sequence import Kind

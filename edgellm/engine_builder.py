@@ -14,7 +14,8 @@ import torch
 from edgellm.config import Config, ModelConfig
 from edgellm.device import resolve_device
 from edgellm.engine.kv_cache import PagedKVCache
-from edgellm.engine.loop import EngineLimits, EngineLoop
+from edgellm.engine.info import EngineLimits
+from edgellm.engine.loop import EngineLoop
 from edgellm.engine.runner import Forward, OnAdmitKV
 from edgellm.engine.weights import LoadedModel, load_model
 from edgellm.parallel.layout import tp_shards

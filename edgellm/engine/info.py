@@ -1,11 +1,25 @@
-"""The engine's face to services: what it is (EngineInfo, fixed at construction) and how busy
-it is (EngineStats, a snapshot). Services read these, never the engine's cache, blocks,
-model, scheduler or runner, so the engine can change shape without them noticing.
+"""The engine's face to services: the limits it is built with (EngineLimits), what it is
+(EngineInfo, fixed at construction) and how busy it is (EngineStats, a snapshot). Services
+read these, never the engine's cache, blocks, model, scheduler or runner, so the engine can
+change shape without them noticing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    num_blocks: int
+    block_size: int = 16
+    max_batch_tokens: int = 2048  # prefill tokens packed into one forward
+    max_running: int = 64  # sequences in the decode batch
+    max_consecutive_prefills: int = 4  # then a decode step runs, so decoding never starves
+    max_waiting: int = 1024  # sequences queued and not yet running; more are refused (EngineBusy)
+    # Takeovers reaching an idle engine wait until none has come for this long (at most 4x it)
+    # so that one packed prefill takes every stream moved here by the same failure.
+    takeover_gather_s: float = 0.01
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ import torch
 
 from edgellm.device import device_label
 from edgellm.engine.block_manager import BlockManager
-from edgellm.engine.info import EngineInfo, EngineStats
+from edgellm.engine.errors import EngineBusy, EngineError, NeverFits, SequenceFailed
+from edgellm.engine.info import EngineInfo, EngineLimits, EngineStats
 from edgellm.engine.kv_cache import PagedKVCache
 from edgellm.engine.model import LayerKVHook, LlamaModel
 from edgellm.engine.postprocess import FINISH_LENGTH, FINISH_STOP, postprocess
@@ -47,24 +48,10 @@ from edgellm.engine.weights import DTYPE_NAMES
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["FINISH_LENGTH", "FINISH_STOP", "EngineBusy", "EngineError", "EngineLimits", "EngineLoop", "NeverFits",
-           "PrefillResult", "SequenceFailed"]
+__all__ = ["FINISH_LENGTH", "FINISH_STOP", "EngineLoop", "PrefillResult"]
 
 # (token, finish_reason) for each sampled token; (None, "error") if the engine failed.
 Emit = Callable[[int | None, str | None], None]
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    num_blocks: int
-    block_size: int = 16
-    max_batch_tokens: int = 2048  # prefill tokens packed into one forward
-    max_running: int = 64  # sequences in the decode batch
-    max_consecutive_prefills: int = 4  # then a decode step runs, so decoding never starves
-    max_waiting: int = 1024  # sequences queued and not yet running; more are refused (EngineBusy)
-    # Takeovers reaching an idle engine wait until none has come for this long (at most 4x it)
-    # so that one packed prefill takes every stream moved here by the same failure.
-    takeover_gather_s: float = 0.01
 
 
 @dataclass
@@ -83,24 +70,6 @@ class _Submission:
     on_layer_kv: LayerKVHook | None
     staged_kv: KV | None
     prefix_kv: KV | None
-
-
-class EngineError(RuntimeError):
-    """The engine could not run a request. Raised as is when a whole step failed (a batched
-    forward pass): the request may succeed on another engine."""
-
-
-class NeverFits(EngineError):
-    """The request is larger than this engine's whole KV cache: it never fits, here or on an
-    engine of the same size; do not retry it."""
-
-
-class EngineBusy(EngineError):
-    """The engine's queue is full now (max_waiting_sequences): another engine may take it."""
-
-
-class SequenceFailed(EngineError):
-    """This request alone failed inside a step (its sampling); the rest of its batch went on."""
 
 
 class EngineLoop:

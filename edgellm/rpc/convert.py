@@ -7,7 +7,8 @@ from typing import AsyncIterator
 import grpc
 
 from edgellm import metrics
-from edgellm.engine.loop import EngineBusy, EngineError, EngineLoop, NeverFits, SequenceFailed
+from edgellm.engine.errors import EngineBusy, EngineError, NeverFits, SequenceFailed
+from edgellm.engine.loop import EngineLoop
 from edgellm.engine.sampling_params import SamplingParams
 from edgellm.transfer.receiver import MAX_REQUEST_ID_BYTES  # one bound for every internal door
 from edgellm.v1 import common_pb2

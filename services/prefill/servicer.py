@@ -27,7 +27,8 @@ import torch
 
 from edgellm import metrics
 from edgellm.config import TransferConfig
-from edgellm.engine.loop import EngineError, EngineLoop
+from edgellm.engine.errors import EngineError
+from edgellm.engine.loop import EngineLoop
 from edgellm.engine.sampling_params import SamplingParams
 from edgellm.engine.weights import TORCH_DTYPES
 from edgellm.logs import bind_request

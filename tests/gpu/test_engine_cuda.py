@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from edgellm.engine.kv_offload import LayerKVOffload
-from edgellm.engine.loop import EngineLimits, EngineLoop
+from edgellm.engine.info import EngineLimits
+from edgellm.engine.loop import EngineLoop
 from edgellm.engine.sampling_params import SamplingParams
 from edgellm.engine.weights import load_model
 

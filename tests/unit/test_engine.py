@@ -5,7 +5,8 @@ import asyncio
 import pytest
 import torch
 
-from edgellm.engine.loop import EngineLimits, EngineLoop
+from edgellm.engine.info import EngineLimits
+from edgellm.engine.loop import EngineLoop
 from edgellm.engine.sampling import SamplingParams
 from edgellm.engine.sequence import Kind
 from edgellm.engine.weights import load_model
@@ -122,7 +123,7 @@ def test_cancelled_stream_frees_its_blocks(tiny):
 
 
 def test_request_larger_than_the_cache_is_refused(tiny):
-    from edgellm.engine.loop import NeverFits
+    from edgellm.engine.errors import NeverFits
 
     engine = make_engine(tiny, num_blocks=4)
     with pytest.raises(NeverFits, match="KV blocks"):
@@ -343,7 +344,7 @@ def test_one_sequence_failing_to_sample_ends_alone_in_a_prefill_batch(tiny, monk
 
 def test_one_sequence_failing_to_sample_ends_alone_in_a_decode_step(tiny, monkeypatch):
     import edgellm.engine.runner as runner
-    from edgellm.engine.loop import SequenceFailed
+    from edgellm.engine.errors import SequenceFailed
 
     ps = prompts(3, seed=6)
     reference = make_engine(tiny)
@@ -374,7 +375,7 @@ def test_one_sequence_failing_to_sample_ends_alone_in_a_decode_step(tiny, monkey
 
 
 def test_the_engine_queue_is_bounded(tiny):
-    from edgellm.engine.loop import EngineBusy
+    from edgellm.engine.errors import EngineBusy
 
     engine = make_engine(tiny, max_waiting=3)
     for i in range(2):

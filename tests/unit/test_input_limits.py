@@ -110,7 +110,7 @@ def test_the_decode_pools_are_bounded():
 def test_a_request_larger_than_any_kv_cache_goes_to_the_client_while_busy_is_retried():
     import grpc
 
-    from edgellm.engine.loop import EngineBusy, EngineError, NeverFits, SequenceFailed
+    from edgellm.engine.errors import EngineBusy, EngineError, NeverFits, SequenceFailed
     from edgellm.rpc.convert import engine_error_status
     from services.gateway.errors import UpstreamError
     from services.gateway.upstream import PathFailed, _failure

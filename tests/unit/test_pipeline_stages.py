@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from edgellm.engine.kv_cache import ForwardBatch, PagedKVCache
-from edgellm.engine.loop import EngineLimits, EngineLoop
+from edgellm.engine.info import EngineLimits
+from edgellm.engine.loop import EngineLoop
 from edgellm.engine.sampling import SamplingParams
 from edgellm.engine.sequence import Kind
 from edgellm.engine.weights import load_model
