@@ -2,12 +2,15 @@
 both CPU activation dtypes, and a whole decode step with them against one without."""
 
 import copy
+import ctypes
+import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgellm import native
 from edgellm.engine import cpu_ops
 from edgellm.engine.block_manager import BlockManager
 from edgellm.engine.kv_cache import ForwardBatch, PagedKVCache
@@ -20,13 +23,33 @@ DTYPES = [torch.float32, torch.bfloat16]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
 
 
+@pytest.fixture(scope="module")
+def portable_library(tmp_path_factory):
+    """The library built without AVX-512: the plain-C loops a Jetson's ARM cores run."""
+    path = tmp_path_factory.mktemp("portable") / "edgellm_native_portable.so"
+    native.build(native.compiler(), path, ("-mno-avx512f",))
+    return native.bind(ctypes.CDLL(str(path)), cpu_ops.SIGNATURES)
+
+
+@pytest.fixture(params=["native", "portable"])
+def build(request, monkeypatch):
+    """Each op test runs on this machine's build and on the portable one (x86 only: elsewhere
+    the native build is the portable one)."""
+    if request.param == "portable":
+        if platform.machine() != "x86_64":
+            pytest.skip("the native build is the portable path here")
+        lib = request.getfixturevalue("portable_library")
+        monkeypatch.setattr(cpu_ops, "library", lambda: lib)
+    return request.param
+
+
 def randn(*shape, dtype, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_add", [True, False])
-def test_add_rms_norm_matches_add_then_rmsnorm(dtype, with_add):
+def test_add_rms_norm_matches_add_then_rmsnorm(dtype, with_add, build):
     norm = RMSNorm(576, 1e-5).to(dtype)
     with torch.no_grad():
         norm.weight.copy_(randn(576, dtype=dtype, seed=1))
@@ -46,7 +69,7 @@ def rope_tables(positions, head_dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_store_matches_apply_rope_and_cache_store(dtype):
+def test_rope_store_matches_apply_rope_and_cache_store(dtype, build):
     num_heads, num_kv_heads, d, t = 9, 3, 64, 4
     qkv = randn(t, num_heads + 2 * num_kv_heads, d, dtype=dtype)
     cos, sin = rope_tables(torch.tensor([0, 7, 130, 4095]), d, dtype)
@@ -61,7 +84,7 @@ def test_rope_store_matches_apply_rope_and_cache_store(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_attention_matches_gather_and_sdpa(dtype):
+def test_paged_attention_matches_gather_and_sdpa(dtype, build):
     num_heads, num_kv_heads, d, block_size = 9, 3, 64, 16
     cache = PagedKVCache(1, 12, block_size, num_kv_heads, d, dtype)
     cache.k[0].copy_(randn(*cache.k[0].shape, dtype=dtype, seed=1))
