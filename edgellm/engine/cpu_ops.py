@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+from typing import Any
 
 import torch
 
@@ -28,11 +29,33 @@ MAX_GROUP = 8  # query heads per KV head (the C file's buffer)
 LANES = 16  # the C file's sums run in 16 lanes: widths must be multiples of it
 
 _p, _i64, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+
+
+class _Int4Linear(ctypes.Structure):  # decode_step.c's int4_linear
+    _fields_ = [("codes", _p), ("scodes", _p), ("zcodes", _p), ("sexp", _p), ("zexp", _p), ("channels", _p),
+                ("num_channels", _i64), ("residual", _p), ("in_features", _i64), ("out_features", _i64),
+                ("group", _i64)]
+
+
+class _Layer(ctypes.Structure):  # decode_step.c's decode_layer
+    _fields_ = [("qkv", _Int4Linear), ("o", _Int4Linear), ("gate_up", _Int4Linear), ("down", _Int4Linear),
+                ("input_norm", _p), ("post_norm", _p), ("k_cache", _p), ("v_cache", _p)]
+
+
+class _Model(ctypes.Structure):  # decode_step.c's decode_model
+    _fields_ = [("num_layers", _i64), ("hidden", _i64), ("num_heads", _i64), ("num_kv_heads", _i64),
+                ("head_dim", _i64), ("intermediate", _i64), ("eps", _f64), ("layers", ctypes.POINTER(_Layer)),
+                ("final_norm", _p)]
+
+
 SIGNATURES: native.Signatures = {
     "edgellm_add_rms_norm": ((_p, _p, _p, _p, _i64, _i64, _f64, _i64), None),
     "edgellm_rope_store": ((_p, _i64, _i64, _i64, _i64, _p, _p, _i64, _i64, _i64, _p, _p, _p, _i64), None),
     "edgellm_paged_attention": ((_p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _f64, _p, _i64, _i64),
                                 ctypes.c_int),
+    "edgellm_silu_mul": ((_p, _i64, _i64, _p, _i64), None),
+    "edgellm_decode_layers": ((ctypes.POINTER(_Model), _i64, _p, _p, _p, _p, _p, _p, _i64, _p, _i64, _i64, _i64),
+                              ctypes.c_int),
 }
 
 
@@ -91,3 +114,82 @@ def paged_attention(qkv: torch.Tensor, num_heads: int, k_cache: torch.Tensor, v_
     if status != 0:
         raise MemoryError("decode attention: out of memory for its score buffers")
     return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up for gate_up [M, 2I] = (gate | up) (contiguous): the SwiGLU MLP's middle,
+    rounded as torch rounds it. Returns [M, I]."""
+    m, width = gate_up.shape
+    out = torch.empty(m, width // 2, dtype=gate_up.dtype)
+    library().edgellm_silu_mul(gate_up.data_ptr(), m, width // 2, out.data_ptr(), gate_up.dtype == torch.bfloat16)
+    return out
+
+
+class DecodeLayers:
+    """A model's layers as decode_step.c reads them (pointers into its weights and into a KV
+    cache), made once and reused each step: the whole layer loop of a decode step in one call.
+
+    It applies where every projection is an INT4 layer on our C kernel with whole tiles (see
+    `applies`); model.py keeps its op-by-op loop elsewhere, and for hooks between layers.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        a = model.arch
+        self.layers = (_Layer * a.num_layers)()
+        self.model = _Model(a.num_layers, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
+                            a.intermediate_size, a.rms_norm_eps, self.layers, 0)
+        self._source = model
+        from edgellm.quant.linear import DENSE_MIN_ROWS
+        self.max_rows = DENSE_MIN_ROWS - 1  # batches Int4Linear itself runs on the kernel (beyond: dense)
+        self._weights_at: int | None = None  # the first projection's codes when the pointers were taken
+        self._cache_at: tuple[int, ...] | None = None
+
+    @staticmethod
+    def applies(model: torch.nn.Module) -> bool:
+        from edgellm.quant.linear import TILE, Int4Linear
+
+        def ours(linear: torch.nn.Module | None) -> bool:
+            return isinstance(linear, Int4Linear) and linear.kernel == "c" and linear.out_features % TILE == 0
+
+        return (library() is not None and len(model.layers) > 0
+                and all(ours(layer.self_attn.qkv_proj) and ours(layer.self_attn.o_proj)
+                        and ours(layer.mlp.gate_up_proj) and ours(layer.mlp.down_proj) for layer in model.layers))
+
+    def _take_weights(self) -> None:
+        def linear(module: torch.nn.Module) -> _Int4Linear:
+            codes, scodes, zcodes, sexp, zexp, channels, num_channels, residual = module.c_pointers()
+            return _Int4Linear(codes, scodes, zcodes, sexp, zexp, channels, num_channels, residual,
+                               module.in_features, module.out_features, module.group_size)
+
+        for c_layer, layer in zip(self.layers, self._source.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            c_layer.qkv, c_layer.o = linear(attn.qkv_proj), linear(attn.o_proj)
+            c_layer.gate_up, c_layer.down = linear(mlp.gate_up_proj), linear(mlp.down_proj)
+            c_layer.input_norm = layer.input_layernorm.weight.data_ptr()
+            c_layer.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+        self.model.final_norm = self._source.norm.weight.data_ptr()
+        self._weights_at = self._source.layers[0].self_attn.qkv_proj.tile_codes.data_ptr()
+
+    def _take_cache(self, cache: Any) -> None:
+        for c_layer, k, v in zip(self.layers, cache.k, cache.v):
+            c_layer.k_cache, c_layer.v_cache = k.data_ptr(), v.data_ptr()
+        self._cache_at = (cache.k[0].data_ptr(), cache.v[0].data_ptr())
+
+    def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+            block_tables: torch.Tensor, context_lens: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The layers over h [B, hidden] (the embeddings; the residual stream, updated in place);
+        returns the final norm of the last layer's output [B, hidden]. cos, sin [B, D]; slots,
+        block_tables, context_lens as paged_attention and rope_store take them."""
+        if self._source.layers[0].self_attn.qkv_proj.tile_codes.data_ptr() != self._weights_at:
+            self._take_weights()  # first use, or the model moved
+        if (cache.k[0].data_ptr(), cache.v[0].data_ptr()) != self._cache_at:
+            self._take_cache(cache)
+        out = torch.empty_like(h)
+        status = library().edgellm_decode_layers(
+            ctypes.byref(self.model), h.shape[0], h.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
+            cache.block_size, h.dtype == torch.bfloat16, torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError("decode step: out of memory for its activations")
+        return out

@@ -216,6 +216,9 @@ class LlamaModel(nn.Module):
         # Decode steps on the CPU take cpu_ops' fused ops where they apply (False: always the
         # plain torch path, the reference the tests compare them with).
         self.fused_cpu_decode = True
+        # cpu_ops.DecodeLayers when a decode step's whole layer loop can run in one C call (INT4
+        # projections on our kernel), False when not, None until the first fused decode step asks
+        self._c_decode_layers: cpu_ops.DecodeLayers | bool | None = None
         # A later pipeline stage (parallel/stages.py) keeps only its layers: without embed_tokens
         # its forward pass starts from the previous stage's hidden states, without lm_head it
         # returns its own. `norm` stays on every stage: its dtype is the activation dtype.
@@ -280,6 +283,12 @@ class LlamaModel(nn.Module):
         (h [B, hidden] the residual stream, updated in place; cos, sin [B, D])."""
         a, eps = self.arch, self.arch.rms_norm_eps
         num_tokens, h_q, h_kv = h.shape[0], a.num_heads, a.num_kv_heads
+        if self._c_decode_layers is None:  # first decode step: can the whole loop run in C?
+            self._c_decode_layers = cpu_ops.DecodeLayers(self) if cpu_ops.DecodeLayers.applies(self) else False
+        if self._c_decode_layers and on_layer_kv is None and num_tokens <= self._c_decode_layers.max_rows:
+            x = self._c_decode_layers.run(h, cos, sin, batch.slot_mapping, batch.block_tables, batch.context_lens,
+                                          cache)
+            return h if not head or self.lm_head is None else self.lm_head(x).float()
         x = cpu_ops.add_rms_norm(None, h, self.layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn

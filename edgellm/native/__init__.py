@@ -1,5 +1,6 @@
 """Our C code, one shared library: the INT4 kernel (int4_cpu.c, for quant/), the decode step's
-fused ops (decode_cpu.c, for engine/) and the thread pool both use (pool.c). Callers bind their
+fused ops (decode_cpu.c, for engine/), the whole layer loop of a decode step on them
+(decode_step.c) and the thread pool they use (pool.c). Callers bind their
 functions' ctypes signatures themselves (quant/cpu_kernel.py, engine/cpu_ops.py).
 
 The library is compiled on first use with the system C compiler into the cache
@@ -26,8 +27,8 @@ import structlog
 from edgellm.model_store import cache_dir, file_lock
 
 DIR = pathlib.Path(__file__).parent
-SOURCES = tuple(DIR / name for name in ("pool.c", "int4_cpu.c", "decode_cpu.c"))
-HEADERS = (DIR / "pool.h",)
+SOURCES = tuple(DIR / name for name in ("pool.c", "int4_cpu.c", "decode_cpu.c", "decode_step.c"))
+HEADERS = (DIR / "pool.h", DIR / "native.h")
 CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-pthread")
 # name: (argument types, return type)
 Signatures = dict[str, tuple[tuple[type, ...], type | None]]

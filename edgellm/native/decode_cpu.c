@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native.h"
 #include "pool.h"
 
 #define LANES 16
@@ -175,6 +176,15 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
+/* 16 floats rounded to the nearest bf16, ties to even (as torch; NaN stays NaN), as the bits of
+ * floats whose low 16 bits are zero */
+static inline __m512i round16_bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+    const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32((int)0xffff0000u));
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+}
+
 /* The work item with AVX-512: each K row is converted once for all the query heads of its
  * group, the group's 16-lane partial dot products are summed across lanes once per row, and
  * the softmax's exponentials run 16 at a time (libm's expf one at a time was a third of it). */
@@ -301,4 +311,32 @@ int edgellm_paged_attention(const void *q, int64_t q_stride, const void *k_cache
                            (float)scale, out, 0};
     pool_run(attention_item, &args, B * Hkv, num_threads);
     return atomic_load(&args.failed) ? -1 : 0;
+}
+
+/* out [B, I] = silu(gate) * up for gu [B, 2I] = (gate | up) rows, as torch's F.silu(gate) * up:
+ * silu(g) = g / (1 + e^-g), and in bf16 both it and the product are rounded to bf16. */
+void edgellm_silu_mul(const void *gu, int64_t B, int64_t I, void *out, int64_t is_bf16) {
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t gate = b * 2 * I, up = gate + I, o = b * I;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; i + LANES <= I; i += LANES) {
+            const __m512 g = load16(gu, gate + i, is_bf16), u = load16(gu, up + i, is_bf16);
+            const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            if (is_bf16) {
+                const __m512i r = round16_bf16(_mm512_mul_ps(_mm512_castsi512_ps(round16_bf16(silu)), u));
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + o + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+            } else {
+                _mm512_storeu_ps((float *)out + o + i, _mm512_mul_ps(silu, u));
+            }
+        }
+#endif
+        for (; i < I; i++) {
+            const float g = load(gu, gate + i, is_bf16), u = load(gu, up + i, is_bf16);
+            float silu = g / (1.0f + expf(-g));
+            if (is_bf16) silu = bf16_to_f32(f32_to_bf16(silu));
+            store(out, o + i, silu * u, is_bf16);
+        }
+    }
 }

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native.h"
 #include "pool.h"
 
 #define TILE 32
@@ -110,6 +111,67 @@ static inline __attribute__((always_inline)) void tile_avx512(
 }
 #endif
 
+#if defined(__AVX512BF16__)
+/* tile_avx512 for bf16 x on CPUs with the bf16 dot-product instruction (vdpbf16ps: 32 products
+ * a bf16 pair at a time into 16 fp32 sums, twice fp32 FMA's work per instruction). Codes 0..15
+ * are exact in bf16 and so is a bf16 x, and each product is exact in fp32: only the order of
+ * the fp32 sums differs from tile_avx512. Each step takes k and k + 1 together: their 32 code
+ * bytes are interleaved into (row j: k, k + 1) pairs, then looked up as bf16. */
+static inline __attribute__((always_inline)) void tile_bf16dot(
+    const int MC, const uint16_t *x, const float *xsum, int64_t K, int64_t G, int64_t group, const uint8_t *tc,
+    const uint8_t *tsc, const int8_t *tzc, const float *su, const float *zu, float *y, int64_t ldy) {
+    /* vpermw reads an index's low 5 bits: entries 16..31 repeat 0..15, so a byte's low nibble
+     * needs no mask */
+    const __m512i nibble = _mm512_set_epi16(
+        0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000,
+        0x3f80, 0x0000, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080,
+        0x4040, 0x4000, 0x3f80, 0x0000);
+    /* element 2j <- byte j (row j at k), element 2j + 1 <- byte 16 + j (row j at k + 1) */
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512 acc_lo[8], acc_hi[8];
+    for (int m = 0; m < MC; m++) acc_lo[m] = acc_hi[m] = _mm512_setzero_ps();
+    const __m512 s_lo_unit = _mm512_loadu_ps(su), s_hi_unit = _mm512_loadu_ps(su + HALF);
+    const __m512 z_lo_unit = _mm512_loadu_ps(zu), z_hi_unit = _mm512_loadu_ps(zu + HALF);
+    const __m512 eight = _mm512_set1_ps(8.0f);
+    for (int64_t g = 0; g < G; g++) {
+        __m512 dot_lo[8], dot_hi[8];
+        for (int m = 0; m < MC; m++) dot_lo[m] = dot_hi[m] = _mm512_setzero_ps();
+        const uint8_t *gc = tc + g * group * HALF;
+        const uint16_t *xg = x + g * group;
+        for (int64_t k = 0; k < group; k += 2) {
+            _mm_prefetch((const char *)(gc + k * HALF + PREFETCH_BYTES), _MM_HINT_T0);
+            const __m512i b = _mm512_permutexvar_epi16(
+                pairs, _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(gc + k * HALF))));
+            const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(b, nibble);
+            const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), nibble);
+            for (int m = 0; m < MC; m++) {
+                int32_t pair;
+                memcpy(&pair, xg + m * K + k, sizeof(pair));
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+                dot_lo[m] = _mm512_dpbf16_ps(dot_lo[m], lo, xv);
+                dot_hi[m] = _mm512_dpbf16_ps(dot_hi[m], hi, xv);
+            }
+        }
+        const int8_t *zc = tzc + g * TILE;
+        const uint8_t *sc = tsc + g * TILE;
+        const __m512 s_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc))), s_lo_unit);
+        const __m512 s_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + HALF)))), s_hi_unit);
+        const __m512 zp_lo = _mm512_fnmadd_ps(eight, s_lo, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)zc))), z_lo_unit));
+        const __m512 zp_hi = _mm512_fnmadd_ps(eight, s_hi, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(zc + HALF)))), z_hi_unit));
+        for (int m = 0; m < MC; m++) {
+            const __m512 xs = _mm512_set1_ps(xsum[m * G + g]);
+            acc_lo[m] = _mm512_fmadd_ps(s_lo, dot_lo[m], _mm512_fmadd_ps(zp_lo, xs, acc_lo[m]));
+            acc_hi[m] = _mm512_fmadd_ps(s_hi, dot_hi[m], _mm512_fmadd_ps(zp_hi, xs, acc_hi[m]));
+        }
+    }
+    for (int m = 0; m < MC; m++) {
+        _mm512_storeu_ps(y + m * ldy, acc_lo[m]);
+        _mm512_storeu_ps(y + m * ldy + HALF, acc_hi[m]);
+    }
+}
+#endif
+
 static inline float bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } v;
     v.u = (uint32_t)h << 16;
@@ -118,12 +180,14 @@ static inline float bf16_to_f32(uint16_t h) {
 
 /* y[m, :] += sum_j x[m, channels[j]] * residual[j, :]: the outlier channels' exact correction.
  * residual is bf16 [num_channels, N]. */
-static void add_outliers(const float *x, int64_t M, int64_t K, int64_t N, const int64_t *channels,
-                         int64_t num_channels, const uint16_t *residual, float *y, int64_t ldy) {
+static void add_outliers(const float *x, const uint16_t *xb, int64_t M, int64_t K, int64_t N,
+                         const int64_t *channels, int64_t num_channels, const uint16_t *residual, float *y,
+                         int64_t ldy) {
     for (int64_t m = 0; m < M; m++) {
         float *ym = y + m * ldy;
         for (int64_t j = 0; j < num_channels; j++) {
-            const float xv = x[m * K + channels[j]];
+            const int64_t i = m * K + channels[j];
+            const float xv = xb ? bf16_to_f32(xb[i]) : x[i];
             const uint16_t *r = residual + j * N;
             for (int64_t n = 0; n < N; n++) ym[n] += xv * bf16_to_f32(r[n]);
         }
@@ -131,7 +195,8 @@ static void add_outliers(const float *x, int64_t M, int64_t K, int64_t N, const 
 }
 
 typedef struct { /* one matmul's arguments, for its tiles' work items */
-    const float *x, *xsum;
+    const float *x, *xsum; /* x fp32 [M, K], or NULL when xb (bf16) is given */
+    const uint16_t *xb;
     int64_t M, K, G, group;
     const uint8_t *codes, *scodes;
     const int8_t *zcodes, *sexp, *zexp;
@@ -153,6 +218,21 @@ static void matmul_tile(void *arg, int64_t t) {
         su[l] = pow2f(sexp[t * TILE + l]);
         zu[l] = pow2f(zexp[t * TILE + l]);
     }
+#if defined(__AVX512BF16__)
+    if (a->xb) {
+        const uint16_t *xb = a->xb;
+        const uint8_t *tsc = scodes + t * G * TILE;
+        const int8_t *tzc = zcodes + t * G * TILE;
+        int64_t m0 = 0;
+        for (; m0 + 8 <= M; m0 += 8)
+            tile_bf16dot(8, xb + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
+        for (; m0 + 4 <= M; m0 += 4)
+            tile_bf16dot(4, xb + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
+        for (; m0 < M; m0++)
+            tile_bf16dot(1, xb + m0 * K, xsum + m0 * G, K, G, group, tc, tsc, tzc, su, zu, y + m0 * ldy + t * TILE, ldy);
+        return;
+    }
+#endif
 #if defined(__AVX512F__)
     const uint8_t *tsc = scodes + t * G * TILE;
     const int8_t *tzc = zcodes + t * G * TILE;
@@ -203,25 +283,26 @@ static void matmul_tile(void *arg, int64_t t) {
 #endif
 }
 
-/* x [M, K] fp32, y [M, N] fp32 (row stride ldy); num_channels outlier channels (0: none).
- * Returns 0, or -1 when out of memory (y untouched). */
-static int matmul_f32(const float *x, int64_t M, int64_t K, int64_t N, int64_t group, const uint8_t *codes,
-                       const uint8_t *scodes, const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp,
-                       const int64_t *channels, int64_t num_channels, const uint16_t *residual,
-                       float *y, int64_t ldy, int64_t num_threads) {
+/* x [M, K] fp32, or xb [M, K] bf16 (then x is NULL; only CPUs with the bf16 dot product take
+ * it), y [M, N] fp32 (row stride ldy); num_channels outlier channels (0: none). Returns 0, or -1
+ * when out of memory (y untouched). */
+static int matmul(const float *x, const uint16_t *xb, int64_t M, int64_t K, int64_t N, int64_t group,
+                  const uint8_t *codes, const uint8_t *scodes, const int8_t *zcodes, const int8_t *sexp,
+                  const int8_t *zexp, const int64_t *channels, int64_t num_channels, const uint16_t *residual,
+                  float *y, int64_t ldy, int64_t num_threads) {
     const int64_t G = K / group;
     float xsum_small[8 * 64];
     float *xsum = M * G <= 8 * 64 ? xsum_small : malloc((size_t)(M * G) * sizeof(float)); /* [M, G]: each group's sum of x */
     if (!xsum) return -1;
     for (int64_t i = 0; i < M * G; i++) {
         float s = 0.0f;
-        for (int64_t k = 0; k < group; k++) s += x[i * group + k];
+        for (int64_t k = 0; k < group; k++) s += xb ? bf16_to_f32(xb[i * group + k]) : x[i * group + k];
         xsum[i] = s;
     }
-    matmul_args args = {x, xsum, M, K, G, group, codes, scodes, zcodes, sexp, zexp, y, ldy};
+    matmul_args args = {x, xsum, xb, M, K, G, group, codes, scodes, zcodes, sexp, zexp, y, ldy};
     pool_run(matmul_tile, &args, N / TILE, num_threads); /* tiles are independent */
     if (xsum != xsum_small) free(xsum);
-    if (num_channels > 0) add_outliers(x, M, K, N, channels, num_channels, residual, y, ldy);
+    if (num_channels > 0) add_outliers(x, xb, M, K, N, channels, num_channels, residual, y, ldy);
     return 0;
 }
 
@@ -234,24 +315,33 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 
 /* y = x @ W.T (+ outlier channels). x [M, K] and y [M, ldy] are fp32 or bf16 (is_bf16): a bf16
  * decode model's activations go in and out without a separate conversion on the torch side;
- * inside, everything is fp32. Returns 0, or -1 when out of memory (y untouched). */
+ * inside, sums are fp32 (a bf16 x is read as is where the CPU has the bf16 dot product, else
+ * converted to fp32 first). Returns 0, or -1 when out of memory (y untouched). */
 int edgellm_int4_matmul(const void *x, int64_t M, int64_t K, int64_t N, int64_t group, const uint8_t *codes,
                         const uint8_t *scodes, const int8_t *zcodes, const int8_t *sexp, const int8_t *zexp,
                         const int64_t *channels, int64_t num_channels, const uint16_t *residual, void *y,
                         int64_t ldy, int64_t is_bf16, int64_t num_threads) {
     if (!is_bf16)
-        return matmul_f32((const float *)x, M, K, N, group, codes, scodes, zcodes, sexp, zexp, channels,
-                          num_channels, residual, (float *)y, ldy, num_threads);
+        return matmul((const float *)x, NULL, M, K, N, group, codes, scodes, zcodes, sexp, zexp, channels,
+                      num_channels, residual, (float *)y, ldy, num_threads);
+#if defined(__AVX512BF16__)
+    float *yf = malloc((size_t)(M * N) * sizeof(float));
+    if (!yf) return -1;
+    const int status = matmul(NULL, (const uint16_t *)x, M, K, N, group, codes, scodes, zcodes, sexp, zexp,
+                              channels, num_channels, residual, yf, N, num_threads);
+    float *xf = NULL;
+#else
     float *xf = malloc((size_t)(M * K + M * N) * sizeof(float));
     if (!xf) return -1;
     float *yf = xf + M * K;
     for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-    const int status = matmul_f32(xf, M, K, N, group, codes, scodes, zcodes, sexp, zexp, channels, num_channels,
-                                  residual, yf, N, num_threads);
+    const int status = matmul(xf, NULL, M, K, N, group, codes, scodes, zcodes, sexp, zexp, channels, num_channels,
+                              residual, yf, N, num_threads);
+#endif
     if (status == 0)
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n++) ((uint16_t *)y)[m * ldy + n] = f32_to_bf16(yf[m * N + n]);
-    free(xf);
+    free(xf ? (void *)xf : (void *)yf);
     return status;
 }
 

@@ -97,6 +97,15 @@ class Int4Linear(nn.Module):
         self._weight_args = self._tile_args(0)
         self._outlier_args = self._outlier_pointers()
 
+    def c_pointers(self) -> tuple[int, ...]:
+        """The C kernel's arguments for this layer's weights: its five tile arrays, then the outlier
+        channels, their count and their residual (0, 0, 0 without). For C callers beyond forward
+        (engine/cpu_ops.py's whole decode step)."""
+        if self.tile_codes.data_ptr() != self._weight_args[0]:  # the buffers were moved (module.to(...))
+            self._weight_args = self._tile_args(0)
+            self._outlier_args = self._outlier_pointers()
+        return (*self._weight_args, *self._outlier_args)
+
     def _outlier_pointers(self) -> tuple[int, int, int]:
         if self.outlier_channels is None:
             return (0, 0, 0)
@@ -120,12 +129,9 @@ class Int4Linear(nn.Module):
         n_padded = self.tile_codes.shape[0] * TILE
         if m < DENSE_MIN_ROWS:
             x = x.contiguous() if x.dtype in (torch.float32, torch.bfloat16) else x.float().contiguous()
-            if self.tile_codes.data_ptr() != self._weight_args[0]:  # the buffers were moved (module.to(...))
-                self._weight_args = self._tile_args(0)
-                self._outlier_args = self._outlier_pointers()
             out = torch.empty(m, n_padded, dtype=x.dtype)
             status = self._lib.edgellm_int4_matmul(
-                x.data_ptr(), m, k, n_padded, self.group_size, *self._weight_args, *self._outlier_args, out.data_ptr(),
+                x.data_ptr(), m, k, n_padded, self.group_size, *self.c_pointers(), out.data_ptr(),
                 n_padded, x.dtype == torch.bfloat16, torch.get_num_threads(),
             )
             if status != 0:

@@ -16,6 +16,8 @@ from edgellm.engine.block_manager import BlockManager
 from edgellm.engine.kv_cache import ForwardBatch, PagedKVCache
 from edgellm.engine.model import RMSNorm, apply_rope
 from edgellm.engine.weights import load_model
+from edgellm.quant.apply import apply_int4
+from edgellm.quant.awq import rtn_quantize
 
 pytestmark = pytest.mark.skipif(cpu_ops.library() is None, reason="no C compiler: the fused decode ops are unavailable")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -81,6 +83,15 @@ def test_rope_store_matches_apply_rope_and_cache_store(dtype, build):
     torch.testing.assert_close(cache.k[0][slots], qkv[:, num_heads : num_heads + num_kv_heads], rtol=0, atol=0)
     torch.testing.assert_close(cache.v[0][slots], qkv[:, num_heads + num_kv_heads :], rtol=0, atol=0)
     assert cache.k[0].count_nonzero() == slots.numel() * num_kv_heads * d  # nothing else written
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_torch(dtype, build):
+    gate_up = (randn(5, 2 * 200, dtype=torch.float32, seed=4) * 6).to(dtype)  # 200: a 16-lane tail too
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, float("nan")])  # e^-g overflowing, underflowing; NaN
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    torch.testing.assert_close(cpu_ops.silu_mul(gate_up), expected, equal_nan=True, **TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -165,3 +176,28 @@ def test_fused_decode_step_matches_the_torch_path(tiny_model_dir):
     fused = decode_steps(model, ids, 10, torch.bfloat16) - exact
     assert fused.abs().max() <= 1.1 * reference.abs().max()
     assert fused.abs().mean() <= 1.1 * reference.abs().mean()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_whole_decode_step_in_one_c_call_matches_the_op_by_op_loop(tiny_model_dir, dtype):
+    """An INT4 model on our kernel runs a decode step's layer loop in one C call
+    (cpu_ops.DecodeLayers); the loop of single ops and the plain torch path are its references."""
+    model = load_model(tiny_model_dir, "fp32").model
+    for i, norm in enumerate(m for m in model.modules() if isinstance(m, RMSNorm)):  # not all ones: tells them apart
+        norm.weight.data = 1 + 0.5 * randn(*norm.weight.shape, dtype=torch.float32, seed=10 + i)
+    int4 = apply_int4(model, rtn_quantize(model, 32, True), dtype, kernel="c")
+    assert cpu_ops.DecodeLayers.applies(int4)
+    ids = torch.randint(0, int4.arch.vocab_size, (24,), generator=torch.Generator().manual_seed(5))
+    whole = decode_steps(int4, ids, 10, dtype)
+    assert isinstance(int4._c_decode_layers, cpu_ops.DecodeLayers)  # it ran
+    int4._c_decode_layers = False
+    op_by_op = decode_steps(int4, ids, 10, dtype)
+    int4.fused_cpu_decode = False
+    torch_path = decode_steps(int4, ids, 10, dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(whole, op_by_op, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(whole, torch_path, rtol=1e-4, atol=1e-4)
+        assert torch.equal(whole.argmax(-1), torch_path.argmax(-1))
+    else:  # bf16 roundings may differ by a step here and there: no further from torch than the op loop
+        assert (whole - torch_path).abs().max() <= 1.1 * (op_by_op - torch_path).abs().max() + 1e-2
+        assert (whole - torch_path).abs().mean() <= 1.1 * (op_by_op - torch_path).abs().mean() + 1e-3

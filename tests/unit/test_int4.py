@@ -93,8 +93,9 @@ def test_kernel_matches_the_dequantized_reference(kernel, group_size, outliers, 
         reference = x.float() @ q.dequantize().t()
         out = layer(x)
         assert out.dtype == x.dtype and out.shape == (num_rows, 128)
-        # ours computes in fp32 (with bf16 outlier residuals); torch's in bf16
-        tolerance = 1e-3 if kernel == "c" and dtype == torch.float32 else 1e-2
+        # ours sums in fp32 (with bf16 outlier residuals; a bf16 result is rounded once, 2^-9);
+        # torch's computes in bf16
+        tolerance = {("c", torch.float32): 1e-3, ("c", torch.bfloat16): 4e-3}.get((kernel, dtype), 1e-2)
         assert float((out.float() - reference).abs().max()) <= tolerance * float(reference.abs().max())
 
 
