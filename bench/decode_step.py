@@ -127,6 +127,9 @@ def main() -> int:
     parser.add_argument("--against", type=pathlib.Path, help="another checkout, measured alternately with this one")
     parser.add_argument("--json", action="store_true", help="print one JSON line (used for --against)")
     args = parser.parse_args()
+    from edgellm import logs  # (this script's tree, as the imports in build_model)
+
+    logs.configure("bench")  # info: the engine's per-step debug line is not printed (nor paid for)
     if args.json:
         print(json.dumps(measure(args)))
         return 0

@@ -27,6 +27,7 @@ import torch
 
 from bench import gpu
 from bench.run import comma_list
+from edgellm import logs
 from edgellm.engine_builder import build_engine
 from edgellm.model_store import resolve_model_dir
 
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=0.0, help="start no measurement after this many seconds")
     args = p.parse_args(argv)
+    logs.configure("bench")  # info: the engine's per-step debug line is not printed (nor paid for)
     args.device = "cpu"  # what bench.gpu's Bench and edgellm_config read
     model_dir = resolve_model_dir(args.model)
     from transformers import AutoConfig

@@ -74,6 +74,7 @@ from bench.report import Slo, summarize
 from bench.stacks import started_stack
 from bench.workload import BenchRequest
 from edgellm import config as cfg
+from edgellm import logs
 from edgellm.client import AsyncClient
 from edgellm.engine.info import EngineLimits
 from edgellm.engine.loop import EngineLoop
@@ -667,6 +668,7 @@ def run_meta(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    logs.configure("bench")  # info: the engine's per-step debug line is not printed (nor paid for)
     torch.set_num_threads(args.threads)
     meta = run_meta(args, argv)
     results: dict[str, Any] = {}
