@@ -134,9 +134,9 @@ class DecodeLayers:
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        a = model.arch
-        self.layers = (_Layer * a.num_layers)()
-        self.model = _Model(a.num_layers, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
+        a, num_layers = model.arch, len(model.layers)  # a pipeline stage holds some of arch.num_layers
+        self.layers = (_Layer * num_layers)()
+        self.model = _Model(num_layers, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
                             a.intermediate_size, a.rms_norm_eps, self.layers, 0)
         self._source = model
         from edgellm.quant.linear import DENSE_MIN_ROWS

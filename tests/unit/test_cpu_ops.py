@@ -16,6 +16,7 @@ from edgellm.engine.block_manager import BlockManager
 from edgellm.engine.kv_cache import ForwardBatch, PagedKVCache
 from edgellm.engine.model import RMSNorm, apply_rope
 from edgellm.engine.weights import load_model
+from edgellm.parallel.stages import keep_stage_layers
 from edgellm.quant.apply import apply_int4
 from edgellm.quant.awq import rtn_quantize
 
@@ -201,3 +202,16 @@ def test_the_whole_decode_step_in_one_c_call_matches_the_op_by_op_loop(tiny_mode
     else:  # bf16 roundings may differ by a step here and there: no further from torch than the op loop
         assert (whole - torch_path).abs().max() <= 1.1 * (op_by_op - torch_path).abs().max() + 1e-2
         assert (whole - torch_path).abs().mean() <= 1.1 * (op_by_op - torch_path).abs().mean() + 1e-3
+
+
+def test_a_pipeline_stage_runs_its_own_layers_in_the_one_c_call(tiny_model_dir):
+    """A decode stage keeps some of the model's layers (parallel/stages.py): the C loop walks
+    those, not arch.num_layers."""
+    model = load_model(tiny_model_dir, "fp32").model
+    int4 = apply_int4(model, rtn_quantize(model, 32, True), torch.float32, kernel="c")
+    keep_stage_layers(int4, (0, 2))  # stage 0 of two: the embedding, two layers, no head (hidden states out)
+    ids = torch.randint(0, int4.arch.vocab_size, (20,), generator=torch.Generator().manual_seed(6))
+    whole = decode_steps(int4, ids, 8, torch.float32)
+    assert int4._c_decode_layers.model.num_layers == 2
+    int4._c_decode_layers = False
+    torch.testing.assert_close(whole, decode_steps(int4, ids, 8, torch.float32), rtol=1e-4, atol=1e-4)
