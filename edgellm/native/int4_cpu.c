@@ -294,9 +294,17 @@ static int matmul(const float *x, const uint16_t *xb, int64_t M, int64_t K, int6
     float xsum_small[8 * 64];
     float *xsum = M * G <= 8 * 64 ? xsum_small : malloc((size_t)(M * G) * sizeof(float)); /* [M, G]: each group's sum of x */
     if (!xsum) return -1;
-    for (int64_t i = 0; i < M * G; i++) {
-        float s = 0.0f;
-        for (int64_t k = 0; k < group; k++) s += xb ? bf16_to_f32(xb[i * group + k]) : x[i * group + k];
+    for (int64_t i = 0; i < M * G; i++) { /* in 16 lanes (vectorised), then the tail */
+        float lanes[16] = {0}, s = 0.0f;
+        int64_t k = 0;
+        if (xb)
+            for (; k + 16 <= group; k += 16)
+                for (int l = 0; l < 16; l++) lanes[l] += bf16_to_f32(xb[i * group + k + l]);
+        else
+            for (; k + 16 <= group; k += 16)
+                for (int l = 0; l < 16; l++) lanes[l] += x[i * group + k + l];
+        for (; k < group; k++) s += xb ? bf16_to_f32(xb[i * group + k]) : x[i * group + k];
+        for (int l = 0; l < 16; l++) s += lanes[l];
         xsum[i] = s;
     }
     matmul_args args = {x, xsum, xb, M, K, G, group, codes, scodes, zcodes, sexp, zexp, y, ldy};
@@ -306,11 +314,15 @@ static int matmul(const float *x, const uint16_t *xb, int64_t M, int64_t K, int6
     return 0;
 }
 
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* NaN stays NaN */
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+/* dst[i] = src[i] rounded to the nearest bf16, ties to even, as torch's .to(bfloat16) (a NaN stays
+ * a NaN); without branches, so that it vectorises */
+static void to_bf16(const float *src, int64_t n, uint16_t *dst) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, src + i, sizeof(u));
+        const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
+        dst[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+    }
 }
 
 /* y = x @ W.T (+ outlier channels). x [M, K] and y [M, ldy] are fp32 or bf16 (is_bf16): a bf16
@@ -339,8 +351,7 @@ int edgellm_int4_matmul(const void *x, int64_t M, int64_t K, int64_t N, int64_t 
                               residual, yf, N, num_threads);
 #endif
     if (status == 0)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < N; n++) ((uint16_t *)y)[m * ldy + n] = f32_to_bf16(yf[m * N + n]);
+        for (int64_t m = 0; m < M; m++) to_bf16(yf + m * N, N, (uint16_t *)y + m * ldy);
     free(xf ? (void *)xf : (void *)yf);
     return status;
 }
