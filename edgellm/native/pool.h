@@ -6,9 +6,9 @@
  * with prefill, with other processes) a helper is often not running when a region starts, and
  * the caller then waits for the scheduler to run it, a timeslice of milliseconds, in each of
  * the ~150 regions of a decode step: two threads were slower than one.
- * Here the caller and the helpers claim items from one counter, and the caller waits only for
- * items a helper has claimed and is running. A helper that wakes late finds nothing left to
- * claim. Helpers spin briefly after a job (a decode step's jobs come tens of microseconds apart),
+ * Here each thread owns a contiguous range of a job's items and, its own range done, takes items
+ * from the back of the others' (pool.c); the caller waits only for items a helper has claimed and
+ * is running, so a helper that wakes late finds its range taken. Helpers spin briefly after a job (a decode step's jobs come tens of microseconds apart),
  * then sleep on a condition variable, so an idle engine leaves its cores alone.
  *
  * One pool for every C file of the library (native/__init__.py builds them into one shared

@@ -151,17 +151,20 @@ def test_group_size_falls_back_when_it_does_not_divide():
 
 @needs_c_kernel
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="elsewhere the default build is the portable path")
-def test_the_portable_c_path_matches_the_vector_path(tmp_path):
-    """Built without AVX-512, the kernel takes its plain-C loops (what a Jetson's ARM cores run)."""
-    portable = tmp_path / "int4_portable.so"
-    cpu_kernel.build(cpu_kernel.compiler(), portable, ("-mno-avx512f",))
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512bf16",)], ids=["plain-c", "avx512-without-bf16"])
+def test_the_other_builds_of_the_kernel_match_the_reference(tmp_path, flags):
+    """Built without AVX-512, the kernel takes its plain-C loops (what a Jetson's ARM cores run);
+    built without AVX512_BF16, its fp32 AVX-512 path for bf16 activations too."""
+    other = tmp_path / "int4_other.so"
+    cpu_kernel.build(cpu_kernel.compiler(), other, flags)
     q = quantized_with_outliers(96, 128, 32, [9])
     layer = Int4Linear(q, "c")
-    layer._lib = cpu_kernel.load(portable)  # the same tiles, read by the other build
-    for num_rows in (1, 5, 11):
-        x = torch.randn(num_rows, 128, generator=torch.Generator().manual_seed(num_rows))
-        reference = x @ q.dequantize().t()
-        assert float((layer(x) - reference).abs().max()) <= 1e-3 * float(reference.abs().max())
+    layer._lib = cpu_kernel.load(other)  # the same tiles, read by the other build
+    for dtype, tolerance in ((torch.float32, 1e-3), (torch.bfloat16, 4e-3)):
+        for num_rows in (1, 5, 11):
+            x = torch.randn(num_rows, 128, generator=torch.Generator().manual_seed(num_rows)).to(dtype)
+            reference = x.float() @ q.dequantize().t()
+            assert float((layer(x).float() - reference).abs().max()) <= tolerance * float(reference.abs().max())
 
 
 @needs_c_kernel
