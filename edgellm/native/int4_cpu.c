@@ -46,6 +46,24 @@ static inline void group_params(const uint8_t *scodes, const int8_t *zcodes, con
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+/* End of group g of a tile for MC rows of x: acc += scale * dot + (zero - 8 scale) * sum(x), with
+ * the group's scales and zeros from their 8-bit codes (scodes, zcodes: its 32 rows) and the rows'
+ * units su, zu. xsum points at row 0's sum for this group (rows G apart). */
+static inline __attribute__((always_inline)) void group_sums(
+    const int MC, const uint8_t *scodes, const int8_t *zcodes, const float *su, const float *zu, const __m512 *dot_lo,
+    const __m512 *dot_hi, const float *xsum, int64_t G, __m512 *acc_lo, __m512 *acc_hi) {
+    const __m512 eight = _mm512_set1_ps(8.0f);
+    const __m512 s_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)scodes))), _mm512_loadu_ps(su));
+    const __m512 s_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(scodes + HALF)))), _mm512_loadu_ps(su + HALF));
+    const __m512 zp_lo = _mm512_fnmadd_ps(eight, s_lo, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)zcodes))), _mm512_loadu_ps(zu)));
+    const __m512 zp_hi = _mm512_fnmadd_ps(eight, s_hi, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(zcodes + HALF)))), _mm512_loadu_ps(zu + HALF)));
+    for (int m = 0; m < MC; m++) {
+        const __m512 xs = _mm512_set1_ps(xsum[m * G]);
+        acc_lo[m] = _mm512_fmadd_ps(s_lo, dot_lo[m], _mm512_fmadd_ps(zp_lo, xs, acc_lo[m]));
+        acc_hi[m] = _mm512_fmadd_ps(s_hi, dot_hi[m], _mm512_fmadd_ps(zp_hi, xs, acc_hi[m]));
+    }
+}
+
 /* Rows m0..m0+MC-1 of x against tile t (32 output rows): each step over k unpacks 32 codes
  * into two vectors once and feeds MC rows of x, so the unpacking is shared and the 2*MC
  * running dot products stay in registers. MC is a literal at every call site. */
@@ -57,9 +75,6 @@ static inline __attribute__((always_inline)) void tile_avx512(
     const __m512 nibble = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 acc_lo[8], acc_hi[8];
     for (int m = 0; m < MC; m++) acc_lo[m] = acc_hi[m] = _mm512_setzero_ps();
-    const __m512 s_lo_unit = _mm512_loadu_ps(su), s_hi_unit = _mm512_loadu_ps(su + HALF);
-    const __m512 z_lo_unit = _mm512_loadu_ps(zu), z_hi_unit = _mm512_loadu_ps(zu + HALF);
-    const __m512 eight = _mm512_set1_ps(8.0f);
     for (int64_t g = 0; g < G; g++) {
         __m512 dot_lo[8], dot_hi[8];
         for (int m = 0; m < MC; m++) dot_lo[m] = dot_hi[m] = _mm512_setzero_ps();
@@ -92,17 +107,7 @@ static inline __attribute__((always_inline)) void tile_avx512(
                 }
             }
         }
-        const int8_t *zc = tzc + g * TILE;
-        const uint8_t *sc = tsc + g * TILE;
-        const __m512 s_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc))), s_lo_unit);
-        const __m512 s_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + HALF)))), s_hi_unit);
-        const __m512 zp_lo = _mm512_fnmadd_ps(eight, s_lo, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)zc))), z_lo_unit));
-        const __m512 zp_hi = _mm512_fnmadd_ps(eight, s_hi, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(zc + HALF)))), z_hi_unit));
-        for (int m = 0; m < MC; m++) {
-            const __m512 xs = _mm512_set1_ps(xsum[m * G + g]);
-            acc_lo[m] = _mm512_fmadd_ps(s_lo, dot_lo[m], _mm512_fmadd_ps(zp_lo, xs, acc_lo[m]));
-            acc_hi[m] = _mm512_fmadd_ps(s_hi, dot_hi[m], _mm512_fmadd_ps(zp_hi, xs, acc_hi[m]));
-        }
+        group_sums(MC, tsc + g * TILE, tzc + g * TILE, su, zu, dot_lo, dot_hi, xsum + g, G, acc_lo, acc_hi);
     }
     for (int m = 0; m < MC; m++) {
         _mm512_storeu_ps(y + m * ldy, acc_lo[m]);
@@ -131,9 +136,6 @@ static inline __attribute__((always_inline)) void tile_bf16dot(
                                            21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     __m512 acc_lo[8], acc_hi[8];
     for (int m = 0; m < MC; m++) acc_lo[m] = acc_hi[m] = _mm512_setzero_ps();
-    const __m512 s_lo_unit = _mm512_loadu_ps(su), s_hi_unit = _mm512_loadu_ps(su + HALF);
-    const __m512 z_lo_unit = _mm512_loadu_ps(zu), z_hi_unit = _mm512_loadu_ps(zu + HALF);
-    const __m512 eight = _mm512_set1_ps(8.0f);
     for (int64_t g = 0; g < G; g++) {
         __m512 dot_lo[8], dot_hi[8];
         for (int m = 0; m < MC; m++) dot_lo[m] = dot_hi[m] = _mm512_setzero_ps();
@@ -153,17 +155,7 @@ static inline __attribute__((always_inline)) void tile_bf16dot(
                 dot_hi[m] = _mm512_dpbf16_ps(dot_hi[m], hi, xv);
             }
         }
-        const int8_t *zc = tzc + g * TILE;
-        const uint8_t *sc = tsc + g * TILE;
-        const __m512 s_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sc))), s_lo_unit);
-        const __m512 s_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sc + HALF)))), s_hi_unit);
-        const __m512 zp_lo = _mm512_fnmadd_ps(eight, s_lo, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)zc))), z_lo_unit));
-        const __m512 zp_hi = _mm512_fnmadd_ps(eight, s_hi, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(zc + HALF)))), z_hi_unit));
-        for (int m = 0; m < MC; m++) {
-            const __m512 xs = _mm512_set1_ps(xsum[m * G + g]);
-            acc_lo[m] = _mm512_fmadd_ps(s_lo, dot_lo[m], _mm512_fmadd_ps(zp_lo, xs, acc_lo[m]));
-            acc_hi[m] = _mm512_fmadd_ps(s_hi, dot_hi[m], _mm512_fmadd_ps(zp_hi, xs, acc_hi[m]));
-        }
+        group_sums(MC, tsc + g * TILE, tzc + g * TILE, su, zu, dot_lo, dot_hi, xsum + g, G, acc_lo, acc_hi);
     }
     for (int m = 0; m < MC; m++) {
         _mm512_storeu_ps(y + m * ldy, acc_lo[m]);
