@@ -158,8 +158,9 @@ static inline __m512 load16(const void *p, int64_t i, int64_t is_bf16) {
 }
 
 /* e^x in 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r,
- * then the exponent n added by scalef; within 2 ulp of libm's expf). Softmax calls it with
- * x <= 0, where it clamps below -87.3 (e^x underflows to 0 there, as expf does). */
+ * then the exponent n added by scalef; within 2 ulp of libm's expf). x is clamped below at
+ * -87.3, where e^x leaves fp32's normal range (softmax's weights and SiLU's 1 + e^-g cannot tell
+ * the difference); above 88.7 it is inf, as expf. */
 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),

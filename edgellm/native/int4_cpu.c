@@ -1,7 +1,8 @@
 /* INT4 matrix multiply for CPU decode: y = x @ W.T with W in 4-bit codes and 8-bit group
  * parameters, 4.5 bits a weight at group 32 (torch's int4 kernel needs bf16 parameters: 5).
- * An AVX-512 path (intrinsics, below) and a plain-C path for everything else, written for the
- * compiler's auto-vectoriser (-O3 -march=native): AVX2 machines and NEON (the Jetsons).
+ * An AVX-512 path (intrinsics, below; with AVX512_BF16, bf16 activations take the bf16
+ * dot-product instruction) and a plain-C path for everything else, written for the compiler's
+ * auto-vectoriser (-O3 -march=native): AVX2 machines and NEON (the Jetsons).
  *
  * Threads: the caller passes its torch thread count; tiles are split between threads
  * (pool.h).
@@ -49,7 +50,7 @@ static inline void group_params(const uint8_t *scodes, const int8_t *zcodes, con
 /* End of group g of a tile for MC rows of x: acc += scale * dot + (zero - 8 scale) * sum(x), with
  * the group's scales and zeros from their 8-bit codes (scodes, zcodes: its 32 rows) and the rows'
  * units su, zu. xsum points at row 0's sum for this group (rows G apart). */
-static inline __attribute__((always_inline)) void group_sums(
+static inline __attribute__((always_inline)) void finish_group(
     const int MC, const uint8_t *scodes, const int8_t *zcodes, const float *su, const float *zu, const __m512 *dot_lo,
     const __m512 *dot_hi, const float *xsum, int64_t G, __m512 *acc_lo, __m512 *acc_hi) {
     const __m512 eight = _mm512_set1_ps(8.0f);
@@ -107,7 +108,7 @@ static inline __attribute__((always_inline)) void tile_avx512(
                 }
             }
         }
-        group_sums(MC, tsc + g * TILE, tzc + g * TILE, su, zu, dot_lo, dot_hi, xsum + g, G, acc_lo, acc_hi);
+        finish_group(MC, tsc + g * TILE, tzc + g * TILE, su, zu, dot_lo, dot_hi, xsum + g, G, acc_lo, acc_hi);
     }
     for (int m = 0; m < MC; m++) {
         _mm512_storeu_ps(y + m * ldy, acc_lo[m]);
@@ -155,7 +156,7 @@ static inline __attribute__((always_inline)) void tile_bf16dot(
                 dot_hi[m] = _mm512_dpbf16_ps(dot_hi[m], hi, xv);
             }
         }
-        group_sums(MC, tsc + g * TILE, tzc + g * TILE, su, zu, dot_lo, dot_hi, xsum + g, G, acc_lo, acc_hi);
+        finish_group(MC, tsc + g * TILE, tzc + g * TILE, su, zu, dot_lo, dot_hi, xsum + g, G, acc_lo, acc_hi);
     }
     for (int m = 0; m < MC; m++) {
         _mm512_storeu_ps(y + m * ldy, acc_lo[m]);
