@@ -129,8 +129,9 @@ class DecodeLayers:
     """A model's layers as decode_step.c reads them (pointers into its weights and into a KV
     cache), made once and reused each step: the whole layer loop of a decode step in one call.
 
-    It applies where every projection is an INT4 layer on our C kernel with whole tiles (see
-    `applies`); model.py keeps its op-by-op loop elsewhere, and for hooks between layers.
+    It applies where every projection is an INT4 layer on our C kernel with whole tiles (its
+    `c_layer()` is not None: quant/linear.py's Int4Linear, read by duck typing since the engine
+    never imports quant); model.py keeps its op-by-op loop elsewhere, and for hooks between layers.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -139,17 +140,15 @@ class DecodeLayers:
         self.model = _Model(num_layers, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
                             a.intermediate_size, a.rms_norm_eps, self.layers, 0)
         self._source = model
-        from edgellm.quant.linear import DENSE_MIN_ROWS
-        self.max_rows = DENSE_MIN_ROWS - 1  # batches Int4Linear itself runs on the kernel (beyond: dense)
+        # batches the INT4 layers themselves run on the kernel (beyond: dense)
+        self.max_rows: int = model.layers[0].self_attn.qkv_proj.MAX_KERNEL_ROWS
         self._weights_at: int | None = None  # the first projection's codes when the pointers were taken
         self._cache_at: tuple[int, ...] | None = None
 
     @staticmethod
     def applies(model: torch.nn.Module) -> bool:
-        from edgellm.quant.linear import TILE, Int4Linear
-
         def ours(linear: torch.nn.Module | None) -> bool:
-            return isinstance(linear, Int4Linear) and linear.kernel == "c" and linear.out_features % TILE == 0
+            return hasattr(linear, "c_layer") and linear.c_layer() is not None
 
         return (library() is not None and len(model.layers) > 0
                 and all(ours(layer.self_attn.qkv_proj) and ours(layer.self_attn.o_proj)
@@ -157,9 +156,7 @@ class DecodeLayers:
 
     def _take_weights(self) -> None:
         def linear(module: torch.nn.Module) -> _Int4Linear:
-            codes, scodes, zcodes, sexp, zexp, channels, num_channels, residual = module.c_pointers()
-            return _Int4Linear(codes, scodes, zcodes, sexp, zexp, channels, num_channels, residual,
-                               module.in_features, module.out_features, module.group_size)
+            return _Int4Linear(*module.c_layer())  # the struct's fields, in its order
 
         for c_layer, layer in zip(self.layers, self._source.layers):
             attn, mlp = layer.self_attn, layer.mlp

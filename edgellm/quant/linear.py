@@ -53,6 +53,8 @@ def resolve_kernel(kernel: str = "auto", device: torch.device | str = "cpu") -> 
 class Int4Linear(nn.Module):
     """An INT4 linear layer on `kernel` ("auto", "c" or "torch"; see resolve_kernel)."""
 
+    MAX_KERNEL_ROWS = DENSE_MIN_ROWS - 1  # input rows our C kernel takes (beyond: dequantize + dense)
+
     def __init__(self, weight: QuantizedWeight, kernel: str = "auto", device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.kernel = resolve_kernel(kernel, device)
@@ -99,12 +101,20 @@ class Int4Linear(nn.Module):
 
     def c_pointers(self) -> tuple[int, ...]:
         """The C kernel's arguments for this layer's weights: its five tile arrays, then the outlier
-        channels, their count and their residual (0, 0, 0 without). For C callers beyond forward
-        (engine/cpu_ops.py's whole decode step)."""
+        channels, their count and their residual (0, 0, 0 without)."""
         if self.tile_codes.data_ptr() != self._weight_args[0]:  # the buffers were moved (module.to(...))
             self._weight_args = self._tile_args(0)
             self._outlier_args = self._outlier_pointers()
         return (*self._weight_args, *self._outlier_args)
+
+    def c_layer(self) -> tuple[int, ...] | None:
+        """For C callers beyond forward (engine/cpu_ops.py's whole decode step, which does not
+        import quant): c_pointers() + (in_features, out_features, group_size); None where this
+        layer is not on our C kernel or its output rows are padded to whole tiles. Such a caller
+        runs the kernel on at most MAX_KERNEL_ROWS input rows, as forward does."""
+        if self.kernel != "c" or self.out_features % TILE:
+            return None
+        return (*self.c_pointers(), self.in_features, self.out_features, self.group_size)
 
     def _outlier_pointers(self) -> tuple[int, int, int]:
         if self.outlier_channels is None:
